@@ -1,0 +1,137 @@
+"""``fsl-jax``: train, eval, bench and data commands. Results are printed as one JSON line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fsl_jax.errors import FslJaxError
+
+
+def _config_from_run(run: Path, data_dir: str | None) -> dict:
+    import yaml
+    from fsl_jax.errors import DataError
+
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{run} is not a run directory: {path} is missing")
+    config = yaml.safe_load(path.read_text())
+    if data_dir:
+        config["data"]["dir"] = data_dir
+    return config
+
+
+def cmd_train(args) -> dict:
+    from fsl_jax.config import load_config
+    from fsl_jax.train import train
+
+    overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+    config = load_config(args.config, overrides)
+    run_dir = train(config, progress=not args.no_progress)
+    return {"run": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
+            "metrics": str(run_dir / "metrics.jsonl"), "curves": str(run_dir / "curves.png")}
+
+
+def cmd_eval(args) -> dict:
+    import numpy as np
+    import jax
+
+    from fsl_jax.train import Experiment, evaluate, restore_params
+
+    config = _config_from_run(args.run, args.data_dir)
+    experiment = Experiment(config)
+    params, step = restore_params(Path(args.run), experiment)
+    if args.lake_runs:
+        from fsl_jax.data.lake_runs import read_runs
+
+        runs = read_runs(args.lake_runs, config["data"]["image_size"])
+        predict = jax.jit(experiment.learner.predict)
+        correct = [float(np.mean(np.argmax(predict(params, r, jax.random.PRNGKey(0)), -1) == r.query_y)) for r in runs]
+        accuracy = float(np.mean(correct))
+        ci95 = float(1.96 * np.std(correct, ddof=1) / np.sqrt(len(correct))) if len(correct) > 1 else float("nan")
+        return {"run": str(args.run), "step": step, "protocol": "lake-one-shot", "runs": len(runs),
+                "accuracy": accuracy, "error": 1 - accuracy, "ci95": ci95}
+    sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries)
+    result = evaluate(experiment.learner, params, sampler, args.episodes or config["eval"]["episodes"],
+                      progress=not args.no_progress)
+    return {"run": str(args.run), "step": step, "ways": sampler.ways, "shots": sampler.shots,
+            "queries": sampler.queries, "alphabets": config["data"]["test_alphabets"], **result}
+
+
+def cmd_bench(args) -> dict:
+    from fsl_jax.bench import BENCHMARKS
+
+    return BENCHMARKS[args.what](args)
+
+
+def cmd_data(args) -> dict:
+    if args.action == "download":
+        from fsl_jax.data.download import download_omniglot
+
+        paths = download_omniglot(args.data_dir)
+        return {"downloaded": [str(p) for p in paths]}
+    from fsl_jax.data.lake_runs import write_runs
+    from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, load_omniglot, split
+
+    _, held_out = split(load_omniglot(args.data_dir, 105), args.alphabets or DEFAULT_TEST_ALPHABETS)
+    return {"lake_runs": str(write_runs(held_out, args.out, runs=args.runs, seed=args.seed))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsl-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a config; writes a run directory")
+    train.add_argument("--config", required=True)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run on held-out classes or Lake's one-shot runs")
+    ev.add_argument("--run", required=True, type=Path)
+    ev.add_argument("--ways", type=int)
+    ev.add_argument("--shots", type=int)
+    ev.add_argument("--queries", type=int)
+    ev.add_argument("--episodes", type=int)
+    ev.add_argument("--lake-runs", type=Path, help="a directory of runNN folders in Lake's layout")
+    ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="measure speed; prints one JSON line")
+    from fsl_jax.bench import add_arguments
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    data = sub.add_parser("data", help="get Omniglot, or write Lake-style one-shot runs")
+    data.add_argument("action", choices=["download", "lake-runs"])
+    data.add_argument("dataset", nargs="?", default="omniglot", choices=["omniglot"])
+    data.add_argument("--out", type=Path, default=Path("runs/lake_runs"), help="lake-runs: where to write")
+    data.add_argument("--alphabets", nargs="*", help="lake-runs: alphabets to draw from (default: held-out ones)")
+    data.add_argument("--runs", type=int, default=20)
+    data.add_argument("--seed", type=int, default=0)
+    data.set_defaults(func=cmd_data)
+
+    for command in (train, ev, bench, data):
+        command.add_argument("--data-dir", help="data root (else $FSL_JAX_DATA, else ../shared/data)")
+        command.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "data" and args.action == "download" and not args.data_dir:
+        print("fsl-jax: error: data download needs --data-dir", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        result = args.func(args)
+    except (FslJaxError, FileNotFoundError) as err:
+        print(f"fsl-jax: error: {err}", file=sys.stderr)
+        return 1
+    result.setdefault("seconds", round(time.perf_counter() - start, 2))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Experiment configs: YAML files over these defaults, with ``--set key.sub=value`` overrides.
+
+An unknown key anywhere is an error that names it and lists the keys that exist; free-form
+option blocks (``method_options``, ``backbone_options``) are checked against the signature of
+the method or backbone they configure.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS
+from fsl_jax.errors import ConfigError
+
+FREE_FORM = ("method_options", "backbone_options")
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,  # run name; defaults to the config file's stem
+    "out": None,  # run directory; defaults to runs/<name>
+    "method": "protonet",
+    "method_options": {},
+    "backbone": "conv4",
+    "backbone_options": {},
+    "data": {
+        "name": "omniglot",
+        "dir": None,  # else $FSL_JAX_DATA, else ../shared/data
+        "image_size": 28,
+        "rotations": True,  # 90-degree rotations of training characters as new classes
+        "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+    },
+    "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks": 1},
+    "eval": {
+        "ways": None,  # None: as in training
+        "shots": None,
+        "queries": 15,
+        "episodes": 1000,  # final evaluation
+        "every": 500,  # steps between the short evaluations drawn on the learning curves
+        "curve_episodes": 100,
+        "seed": 1234,
+    },
+    "optim": {
+        "name": "adam",  # any optax optimiser taking a learning rate
+        "lr": 1e-3,
+        "schedule": "constant",  # constant | cosine | step
+        "warmup_steps": 0,
+        "decay_every": 2000,  # "step": lr halves this often (Snell et al.)
+        "clip_norm": None,
+    },
+    "train": {"steps": 2000, "seed": 0, "log_every": 50, "checkpoint_every": 500, "keep_checkpoints": 2},
+}
+
+
+def _merge(base: dict, update: dict, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {sorted(base)}")
+        if isinstance(base[key], dict) and key not in FREE_FORM:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, where + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"a.b=3"`` -> ``{"a": {"b": 3}}`` with the value read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw)
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the YAML file, then each ``key=value`` override, in that order."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        config = _merge(config, yaml.safe_load(path.read_text()) or {})
+        config["name"] = config["name"] or path.stem
+    for item in overrides:
+        config = _merge(config, parse_override(item))
+    config["name"] = config["name"] or "run"
+    config["out"] = config["out"] or str(Path("runs") / config["name"])
+    return config
+
+
+def eval_episode(config: dict) -> dict:
+    """The evaluation episode shape: the ``eval`` block with blanks filled from ``episode``."""
+    e = config["eval"]
+    return {"ways": e["ways"] or config["episode"]["ways"], "shots": e["shots"] or config["episode"]["shots"],
+            "queries": e["queries"]}

@@ -1,0 +1,26 @@
+"""Errors raised on bad input. Each names the input that caused it."""
+
+
+class FslJaxError(Exception):
+    """Base class for every error this library raises on bad input."""
+
+
+class ConfigError(FslJaxError, KeyError):
+    """An unknown method, option or config key, or a value of the wrong kind."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(FslJaxError, ValueError):
+    """Missing, corrupt or too small data: the message names the file or the request."""
+
+
+class TrainingDiverged(FslJaxError, FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    def __init__(self, step: int, loss: float, checkpoint_step: int | None):
+        self.step, self.loss, self.checkpoint_step = step, loss, checkpoint_step
+        kept = (f"the last good checkpoint (step {checkpoint_step}) is kept"
+                if checkpoint_step is not None else "no checkpoint had been written yet")
+        super().__init__(f"loss is {loss} at step {step}: training stopped; {kept}")

@@ -1,0 +1,72 @@
+"""The one interface every few-shot method implements.
+
+A :class:`Learner` is three pure functions of an explicit Flax parameter pytree. Methods
+write them for one task (an :class:`~fsl_jax.data.episodes.Episode` without its leading
+task axis); :meth:`Learner.loss` and :meth:`Learner.predict` map them over a batch of tasks
+with ``jax.vmap`` or ``jax.lax.map``, so the result can be jitted, vmapped again or sharded
+from outside.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Params = Any
+Metrics = dict[str, jax.Array]
+TASK_MAPS = ("vmap", "map")
+
+
+def map_tasks(fn: Callable, how: str) -> Callable:
+    """Apply ``fn(params, task, rng)`` to every task of a batch: ``vmap`` (parallel) or ``map`` (sequential)."""
+    if how not in TASK_MAPS:
+        raise ValueError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
+
+    def mapped(params, batch, rng):
+        rngs = jax.random.split(rng, jax.tree.leaves(batch)[0].shape[0])
+        if how == "vmap":
+            return jax.vmap(fn, in_axes=(None, 0, 0))(params, batch, rngs)
+        return jax.lax.map(lambda args: fn(params, *args), (batch, rngs))
+
+    return mapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """A few-shot method.
+
+    init(rng, task) -> params
+    task_loss(params, task, rng) -> (loss, metrics)   metrics include "accuracy"
+    task_predict(params, task, rng) -> logits [N*Q, N] for the task's queries
+    """
+
+    init: Callable[..., Params]
+    task_loss: Callable[..., tuple[jax.Array, Metrics]]
+    task_predict: Callable[..., jax.Array]
+    task_map: str = "vmap"
+
+    def loss(self, params: Params, batch, rng) -> tuple[jax.Array, Metrics]:
+        """Mean loss and metrics over the batch's tasks."""
+        losses, metrics = map_tasks(self.task_loss, self.task_map)(params, batch, rng)
+        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+    def predict(self, params: Params, batch, rng) -> jax.Array:
+        """Query logits [T, N*Q, N] for every task of the batch."""
+        return map_tasks(self.task_predict, self.task_map)(params, batch, rng)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Mean softmax cross-entropy and accuracy: the loss of most classifiers here."""
+    loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1))
+    return loss, {"accuracy": accuracy(logits, labels)}
+
+
+def first_task(batch):
+    """The first task of a batch, for ``init``."""
+    return jax.tree.map(lambda x: x[0], batch)

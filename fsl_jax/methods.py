@@ -1,0 +1,44 @@
+"""Name -> method and backbone factories, so configs and the CLI can name them."""
+from __future__ import annotations
+
+import inspect
+
+from fsl_jax import metric
+from fsl_jax.errors import ConfigError
+from fsl_jax.learner import Learner
+from fsl_jax.nets import BACKBONES
+
+METHODS = {
+    "protonet": metric.protonet,
+    "matching": metric.matching,
+    "relation": metric.relation,
+    "siamese": metric.siamese,
+    "transfer": metric.transfer,
+}
+
+
+def _call(factory, what: str, options: dict, context: dict):
+    """Call ``factory`` with ``options`` (checked against its signature) and the context it asks for."""
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = sorted(p for p in accepted if p not in context and p != "backbone")
+        raise ConfigError(f"unknown option(s) {unknown} for {what}; valid options: {valid}")
+    extra = {k: v for k, v in context.items() if k in accepted and k not in options}
+    return factory(**options, **extra)
+
+
+def make_backbone(name: str, options: dict | None = None):
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    return _call(BACKBONES[name], f"backbone {name!r}", options or {}, {})
+
+
+def make_learner(config: dict, num_train_classes: int) -> Learner:
+    """The learner a config describes. ``num_train_classes`` is offered to methods that ask for it."""
+    name = config["method"]
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    backbone = make_backbone(config["backbone"], config["backbone_options"])
+    return _call(METHODS[name], f"method {name!r}", dict(config["method_options"]),
+                 {"backbone": backbone, "num_train_classes": num_train_classes})

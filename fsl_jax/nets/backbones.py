@@ -1,0 +1,60 @@
+"""Feature extractors: images [B, H, W, C] -> feature maps [B, h, w, c]."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+
+from fsl_jax.nets.layers import BatchNorm, max_pool
+
+
+class Conv4(nn.Module):
+    """Four blocks of conv3x3 -> BatchNorm -> ReLU -> maxpool2 (Vinyals et al., 2016; Snell et al., 2017).
+
+    ``pooled_blocks`` keeps pooling in the first blocks only (the Relation Network's encoder
+    pools in two), so the feature map stays large enough for a learned comparison.
+    """
+
+    width: int = 64
+    blocks: int = 4
+    pooled_blocks: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.blocks):
+            x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i}")(x)
+            x = nn.relu(BatchNorm(name=f"norm{i}")(x))
+            if i < self.pooled_blocks:
+                x = max_pool(x)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """Three conv3x3 with BatchNorm and leaky ReLU, a 1x1 projection shortcut, maxpool2."""
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        shortcut = BatchNorm(name="shortcut_norm")(nn.Conv(self.width, (1, 1), use_bias=False, name="shortcut")(x))
+        for i in range(3):
+            x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False, name=f"conv{i}")(x)
+            x = BatchNorm(name=f"norm{i}")(x)
+            if i < 2:
+                x = nn.leaky_relu(x, 0.1)
+        return max_pool(nn.leaky_relu(x + shortcut, 0.1))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 (Oreshkin et al., 2018; Lee et al., 2019): four residual blocks of three convolutions."""
+
+    widths: Sequence[int] = (64, 160, 320, 640)
+
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate(self.widths):
+            x = ResidualBlock(width, name=f"block{i}")(x)
+        return x
+
+
+BACKBONES = {"conv4": Conv4, "resnet12": ResNet12}

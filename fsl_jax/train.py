@@ -1,0 +1,219 @@
+"""One training loop for every learner: jitted optax step, orbax checkpoints, metrics as JSON lines.
+
+A run directory holds ``config.yaml``, ``checkpoints/`` (orbax; written atomically, so a
+killed run never leaves a broken one), ``metrics.jsonl`` (one record per log or evaluation)
+and ``curves.png``. Episodes and step keys depend only on ``(seed, step)``, so a run killed
+and resumed reaches exactly the metrics of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import yaml
+from tqdm.auto import tqdm
+
+from fsl_jax.config import eval_episode
+from fsl_jax.data import EpisodeSampler, character_splits
+from fsl_jax.errors import ConfigError, TrainingDiverged
+from fsl_jax.learner import Learner, first_task
+from fsl_jax.methods import make_learner
+
+
+def make_optimiser(optim: dict, steps: int) -> optax.GradientTransformation:
+    """The optax optimiser and learning-rate schedule an ``optim`` config block describes."""
+    lr, schedule = optim["lr"], optim["schedule"]
+    if schedule == "constant":
+        rate = optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        rate = optax.warmup_cosine_decay_schedule(0.0, lr, optim["warmup_steps"], max(steps, optim["warmup_steps"] + 1))
+    elif schedule == "step":
+        rate = optax.exponential_decay(lr, optim["decay_every"], 0.5, staircase=True)
+    else:
+        raise ConfigError(f"unknown optim.schedule {schedule!r}; available: ['constant', 'cosine', 'step']")
+    if schedule != "cosine" and optim["warmup_steps"]:
+        rate = optax.join_schedules([optax.linear_schedule(0.0, lr, optim["warmup_steps"]), rate], [optim["warmup_steps"]])
+    factory = getattr(optax, optim["name"], None)
+    if not callable(factory):
+        raise ConfigError(f"unknown optim.name {optim['name']!r}: not an optax optimiser")
+    optimiser = factory(rate)
+    if optim["clip_norm"]:
+        optimiser = optax.chain(optax.clip_by_global_norm(optim["clip_norm"]), optimiser)
+    return optimiser
+
+
+class Experiment:
+    """What a config builds: samplers, learner, optimiser, initial parameters."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        train_chars, self.test_chars = character_splits(config)
+        ep, seed = config["episode"], config["train"]["seed"]
+        self.train_sampler = EpisodeSampler(train_chars, ep["ways"], ep["shots"], ep["queries"], ep["tasks"], seed)
+        self.learner: Learner = make_learner(config, num_train_classes=train_chars.num_classes)
+        self.optimiser = make_optimiser(config["optim"], config["train"]["steps"])
+
+    def eval_sampler(self, episodes_per_batch: int = 10, **overrides) -> EpisodeSampler:
+        shape = {**eval_episode(self.config), **{k: v for k, v in overrides.items() if v is not None}}
+        return EpisodeSampler(self.test_chars, shape["ways"], shape["shots"], shape["queries"],
+                              episodes_per_batch, self.config["eval"]["seed"])
+
+    def init_params(self):
+        key = jax.random.PRNGKey(self.config["train"]["seed"])
+        return self.learner.init(key, first_task(self.train_sampler.sample(0)))
+
+
+def make_train_step(learner: Learner, optimiser: optax.GradientTransformation):
+    """``step(params, opt_state, batch, rng) -> (params, opt_state, loss, metrics)``, jitted."""
+
+    @jax.jit
+    def step(params, opt_state, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(learner.loss, has_aux=True)(params, batch, rng)
+        updates, opt_state = optimiser.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, metrics
+
+    return step
+
+
+def evaluate(learner: Learner, params, sampler: EpisodeSampler, episodes: int, progress: bool = True) -> dict:
+    """Accuracy over ``episodes`` episodes: mean and 95% confidence interval (1.96 standard errors)."""
+    predict = jax.jit(lambda p, b, r: jnp.mean(jnp.argmax(learner.predict(p, b, r), -1) == b.query_y, -1))
+    scores, batch_index = [], 0
+    with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
+        while len(scores) < episodes:
+            batch = sampler.sample(batch_index)
+            scores.extend(np.asarray(predict(params, batch, jax.random.PRNGKey(batch_index))).tolist())
+            batch_index += 1
+            bar.update(sampler.tasks)
+    scores = np.array(scores[:episodes])
+    return {"accuracy": float(scores.mean()), "ci95": float(1.96 * scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else float("nan"),
+            "episodes": len(scores)}
+
+
+def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config["train"]["keep_checkpoints"], create=True)
+    return ocp.CheckpointManager(run_dir.resolve() / "checkpoints", options=options)
+
+
+def restore_params(run_dir: Path, experiment: Experiment, step: int | None = None):
+    """Parameters of a run's latest (or given) checkpoint."""
+    params = experiment.init_params()
+    state = {"params": params, "opt_state": experiment.optimiser.init(params)}
+    with _checkpoint_manager(run_dir, experiment.config) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"run {run_dir} has no checkpoint")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))["params"], step
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """``curves.png``: training loss and accuracy, and held-out accuracy, against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["split"] == "train"]
+    held_out = [r for r in records if r["split"] == "test"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
+    ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="training episodes")
+    if held_out:
+        ax_acc.errorbar([r["step"] for r in held_out], [r["accuracy"] for r in held_out],
+                        yerr=[r["ci95"] for r in held_out], marker="o", label="held-out alphabets")
+    ax_acc.set(xlabel="step", ylabel="accuracy")
+    ax_acc.legend()
+    fig.suptitle(Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def train(config: dict, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Train (or resume) the run a config describes; returns the run directory.
+
+    stop_after: return after this many steps of this call, as if killed (for tests of resumption).
+    """
+    run_dir = Path(config["out"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and yaml.safe_load(saved.read_text()) != config:
+        raise ConfigError(f"run directory {run_dir} holds a run of a different config; choose another `out`")
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    experiment = Experiment(config)
+    steps, log_every = config["train"]["steps"], config["train"]["log_every"]
+    if config["train"]["checkpoint_every"] % log_every:
+        raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
+                          "run logs the same windows as an uninterrupted one")
+    params = experiment.init_params()
+    opt_state = experiment.optimiser.init(params)
+    manager = _checkpoint_manager(run_dir, config)
+    start = manager.latest_step() or 0
+    if start:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        params, opt_state = restored["params"], restored["opt_state"]
+    # Records after the checkpoint were written by a run that died later; they will be rewritten.
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= start]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    step_fn = make_train_step(experiment.learner, experiment.optimiser)
+    eval_sampler = experiment.eval_sampler()
+    base_key = jax.random.PRNGKey(config["train"]["seed"])
+    sampler = experiment.train_sampler
+    window = {"loss": [], "accuracy": [], "sample_s": 0.0, "step_s": 0.0}
+    end = steps if stop_after is None else min(steps, start + stop_after)
+
+    def log(record):
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    try:
+        for step in tqdm(range(start + 1, end + 1), initial=start, total=steps, desc=config["name"], disable=not progress):
+            t0 = time.perf_counter()
+            batch = sampler.sample(step)
+            t1 = time.perf_counter()
+            params_new, opt_state_new, loss, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step))
+            loss = float(loss)
+            window["sample_s"] += t1 - t0
+            window["step_s"] += time.perf_counter() - t1
+            if not math.isfinite(loss):
+                raise TrainingDiverged(step, loss, manager.latest_step())
+            params, opt_state = params_new, opt_state_new
+            window["loss"].append(loss)
+            window["accuracy"].append(float(metrics["accuracy"]))
+            if step % log_every == 0 or step == steps:
+                n = len(window["loss"])
+                log({"step": step, "split": "train", "loss": float(np.mean(window["loss"])),
+                     "accuracy": float(np.mean(window["accuracy"])),
+                     "episodes_per_s": n * sampler.tasks / window["step_s"],
+                     "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9)})
+                window = {"loss": [], "accuracy": [], "sample_s": 0.0, "step_s": 0.0}
+            if step % config["eval"]["every"] == 0 or step == steps:
+                result = evaluate(experiment.learner, params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
+                log({"step": step, "split": "test", **result})
+            if step % config["train"]["checkpoint_every"] == 0 or step == steps:
+                manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+    plot_curves(run_dir)
+    return run_dir
