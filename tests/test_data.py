@@ -1,0 +1,144 @@
+"""Omniglot loading, splits, episode sampling and Lake's one-shot runs."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsl_jax.data.download import OMNIGLOT_ZIPS, _checked, verify
+from fsl_jax.data.episodes import EpisodeSampler, with_rotations
+from fsl_jax.data.lake_runs import read_runs, write_runs
+from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, data_root, load_omniglot, read_zips, split
+from fsl_jax.errors import DataError
+
+
+def test_background_sets_are_deduplicated(omniglot28):
+    assert omniglot28.num_classes == 242
+    assert len(set(omniglot28.alphabets)) == 8
+    assert omniglot28.images.shape == (242, 20, 28, 28)
+    pairs = list(zip(omniglot28.alphabets, omniglot28.characters))
+    assert len(set(pairs)) == len(pairs)
+    # strokes are 1 on a 0 background: most pixels are background
+    assert 0.0 <= omniglot28.images.min() and omniglot28.images.max() <= 1.0
+    assert omniglot28.images.mean() < 0.3
+
+
+def test_split_is_alphabet_disjoint(omniglot28):
+    train, test = split(omniglot28)
+    assert set(test.alphabets) == set(DEFAULT_TEST_ALPHABETS)
+    assert not set(train.alphabets) & set(test.alphabets)
+    assert train.num_classes + test.num_classes == 242
+    with pytest.raises(DataError, match="Klingon"):
+        split(omniglot28, ["Klingon"])
+
+
+def _png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_corrupt_png_is_named(tmp_path):
+    good = _png_bytes(np.full((105, 105), 255, np.uint8))
+    path = tmp_path / "images_background_tiny.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        for d in range(1, 21):
+            z.writestr(f"images_background_tiny/Alpha/character01/0001_{d:02d}.png", good)
+        z.writestr("images_background_tiny/Alpha/character02/0002_01.png", b"\x89PNG not really")
+    with pytest.raises(DataError, match="character02/0002_01.png"):
+        read_zips([path])
+
+
+def test_missing_drawers_are_reported(tmp_path):
+    good = _png_bytes(np.full((105, 105), 255, np.uint8))
+    path = tmp_path / "images_background_tiny.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images_background_tiny/Alpha/character01/0001_01.png", good)
+    with pytest.raises(DataError, match="Alpha/character01"):
+        read_zips([path])
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSL_JAX_DATA", str(tmp_path))
+    assert data_root() == tmp_path
+    assert data_root(tmp_path / ".") == tmp_path
+    with pytest.raises(DataError, match="does-not-exist.*--data-dir"):
+        data_root(tmp_path / "does-not-exist")
+    monkeypatch.setenv("FSL_JAX_DATA", str(tmp_path / "gone"))
+    with pytest.raises(DataError, match="FSL_JAX_DATA"):
+        data_root()
+
+
+def test_empty_data_dir_says_how_to_get_data(tmp_path):
+    with pytest.raises(DataError, match="fsl-jax data download omniglot"):
+        load_omniglot(tmp_path)
+
+
+def test_checksum_rejects_a_wrong_file_and_keeps_nothing(tmp_path):
+    fake = tmp_path / "images_background_small1.part"
+    fake.write_bytes(b"x" * OMNIGLOT_ZIPS["images_background_small1.zip"][0])
+    with pytest.raises(DataError, match="checksum"):
+        _checked(fake, "images_background_small1.zip")
+    assert not fake.exists()
+
+
+def test_bundled_zips_are_the_official_ones():
+    for path in sorted((data_root() / "omniglot").glob("images_background_small*.zip")):
+        verify(path)
+
+
+def test_sampler_shapes_labels_and_reproducibility(tiny_chars):
+    sampler = EpisodeSampler(tiny_chars, ways=5, shots=2, queries=3, tasks=4, seed=7)
+    episode = sampler.sample(3)
+    assert episode.support_x.shape == (4, 10, 28, 28, 1)
+    assert episode.query_x.shape == (4, 15, 28, 28, 1)
+    assert episode.classes.shape == (4, 5) and episode.ways == 5
+    np.testing.assert_array_equal(episode.support_y[0], np.repeat(np.arange(5), 2))
+    np.testing.assert_array_equal(episode.query_y[0], np.repeat(np.arange(5), 3))
+    for t in range(4):
+        assert len(set(episode.classes[t])) == 5
+        # each support image really is an image of its way's class, and support/query drawers differ
+        for i, y in enumerate(episode.support_y[t]):
+            cls = episode.classes[t, y]
+            assert any(np.array_equal(episode.support_x[t, i, ..., 0], im) for im in tiny_chars.images[cls])
+        flat = lambda x: {x[i].tobytes() for i in range(len(x))}
+        assert not flat(episode.support_x[t]) & flat(episode.query_x[t])
+    again = EpisodeSampler(tiny_chars, ways=5, shots=2, queries=3, tasks=4, seed=7).sample(3)
+    for a, b in zip(episode, again):
+        np.testing.assert_array_equal(a, b)
+    other = sampler.sample(4)
+    assert not np.array_equal(episode.classes, other.classes)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ways=13, shots=1, queries=1), "ways=13 is larger than the 12 classes"),
+    (dict(ways=5, shots=15, queries=6), "shots\\+queries=21 is larger than the 20 images per class"),
+    (dict(ways=5, shots=0, queries=6), "shots must be at least 1"),
+])
+def test_sampler_rejects_impossible_episodes(tiny_chars, kwargs, message):
+    with pytest.raises(DataError, match=message):
+        EpisodeSampler(tiny_chars, **kwargs)
+
+
+def test_rotations_are_new_classes(tiny_chars):
+    rotated = with_rotations(tiny_chars)
+    assert rotated.num_classes == 4 * tiny_chars.num_classes
+    np.testing.assert_array_equal(rotated.images[12 + 3], np.rot90(tiny_chars.images[3], 1, axes=(-2, -1)))
+    assert rotated.characters[12 + 3].endswith("@rot90")
+
+
+def test_lake_runs_round_trip(omniglot105, tmp_path):
+    _, held_out = split(omniglot105)
+    write_runs(held_out, tmp_path, runs=3, seed=1)
+    lines = (tmp_path / "run01" / "class_labels.txt").read_text().splitlines()
+    assert len(lines) == 20 and lines[0].startswith("test/item01.png training/class")
+    runs = read_runs(tmp_path, image_size=28)
+    assert len(runs) == 3
+    run = runs[0]
+    assert run.support_x.shape == (1, 20, 28, 28, 1) and run.query_x.shape == (1, 20, 28, 28, 1)
+    assert sorted(run.query_y[0].tolist()) == list(range(20))
+    with pytest.raises(DataError, match="class_labels.txt"):
+        read_runs(tmp_path / "run01" / "training")
