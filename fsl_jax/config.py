@@ -7,6 +7,7 @@ the method or backbone they configure.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,20 @@ from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS
 from fsl_jax.errors import ConfigError
 
 FREE_FORM = ("method_options", "backbone_options")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; a learning rate written that way must be a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 DEFAULTS: dict[str, Any] = {
     "name": None,  # run name; defaults to the config file's stem
@@ -73,7 +88,7 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw)
+    value = read_yaml(raw)
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -86,7 +101,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        config = _merge(config, yaml.safe_load(path.read_text()) or {})
+        config = _merge(config, read_yaml(path.read_text()) or {})
         config["name"] = config["name"] or path.stem
     for item in overrides:
         config = _merge(config, parse_override(item))

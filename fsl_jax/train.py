@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import eval_episode
+from fsl_jax.config import eval_episode, read_yaml
 from fsl_jax.data import EpisodeSampler, character_splits
 from fsl_jax.errors import ConfigError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
@@ -153,7 +153,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != config:
+    if saved.exists() and read_yaml(saved.read_text()) != config:
         raise ConfigError(f"run directory {run_dir} holds a run of a different config; choose another `out`")
     saved.write_text(yaml.safe_dump(config, sort_keys=False))
 
