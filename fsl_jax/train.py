@@ -195,8 +195,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
             loss = float(loss)
             window["sample_s"] += t1 - t0
             window["step_s"] += time.perf_counter() - t1
-            if not math.isfinite(loss):
-                raise TrainingDiverged(step, loss, manager.latest_step())
+            if not math.isfinite(loss):  # keep the state before this step, then stop
+                if step - 1 > (manager.latest_step() or 0):
+                    manager.save(step - 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                raise TrainingDiverged(step, loss, manager.latest_step() if step > 1 else None)
             params, opt_state = params_new, opt_state_new
             window["loss"].append(loss)
             window["accuracy"].append(float(metrics["accuracy"]))

@@ -1,0 +1,110 @@
+"""The training loop and the CLI end to end on Omniglot: run directories, resumption, divergence, eval."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from fsl_jax.cli import main
+from fsl_jax.config import load_config
+from fsl_jax.errors import ConfigError, TrainingDiverged
+from fsl_jax.train import Experiment, read_metrics, restore_params, train
+
+TINY = ["episode.ways=5", "episode.queries=5", "backbone_options={width: 16}", "train.steps=6",
+        "train.log_every=1", "train.checkpoint_every=3", "eval.every=3", "eval.curve_episodes=4", "eval.episodes=20"]
+
+
+def tiny_config(tmp_path, *extra, name="run"):
+    return load_config(None, TINY + [f"out={tmp_path / name}", *extra])
+
+
+def test_run_directory_contents(tmp_path):
+    run = train(tiny_config(tmp_path), progress=False)
+    assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 1000
+    records = read_metrics(run)
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]
+    assert all(r["episodes_per_s"] > 0 and r["sampler_episodes_per_s"] > 0 for r in records if r["split"] == "train")
+    _, step = restore_params(run, Experiment(load_config(run / "config.yaml")))
+    assert step == 6
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    whole = train(tiny_config(tmp_path, name="whole"), progress=False)
+    config = tiny_config(tmp_path, name="killed")
+    train(config, progress=False, stop_after=4)  # killed after step 4: checkpoint at 3, records up to 4
+    assert max(r["step"] for r in read_metrics(tmp_path / "killed")) == 4
+    resumed = train(config, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("per_s")} for r in rs]
+    assert strip(read_metrics(resumed)) == strip(read_metrics(whole))
+    experiment = Experiment(config)
+    a, _ = restore_params(whole, experiment)
+    b, _ = restore_params(resumed, experiment)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, "optim.lr=1e30", "train.steps=30")
+    with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as caught:
+        train(config, progress=False)
+    err = caught.value
+    assert err.step > 1 and not np.isfinite(err.loss)
+    params, step = restore_params(tmp_path / "run", Experiment(config))
+    assert step == err.checkpoint_step == err.step - 1  # the state just before the bad step is kept
+    assert f"checkpoint (step {step}) is kept" in str(err)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_a_different_config_cannot_reuse_a_run_directory(tmp_path):
+    train(tiny_config(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        train(tiny_config(tmp_path, "optim.lr=0.01"), progress=False)
+
+
+def test_cli_train_then_eval_prints_json(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: protonet\n")
+    args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"] == str(tmp_path / "run")
+    assert main(["eval", "--run", str(tmp_path / "run"), "--ways", "3", "--shots", "2", "--episodes", "12", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ways"] == 3 and result["shots"] == 2 and result["episodes"] == 12
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] > 0
+
+    main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "2"])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--lake-runs", str(tmp_path / "lake")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["runs"] == 2 and result["protocol"] == "lake-one-shot"
+    assert result["error"] == pytest.approx(1 - result["accuracy"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--run", "/nonexistent/run"], "not a run directory"),
+    (["train", "--config", "/nonexistent.yaml"], "nonexistent.yaml"),
+])
+def test_cli_errors_are_one_clear_line(args, message, capsys):
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unknown_method_is_named(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: maml2\n")
+    assert main(["train", "--config", str(config), "--set", f"out={tmp_path}/r"]) == 1
+    assert "unknown method 'maml2'" in capsys.readouterr().err
+
+
+def test_eval_without_checkpoint_is_clear(tmp_path, capsys):
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, name="empty")))
+    assert main(["eval", "--run", str(run)]) == 1
+    assert "has no checkpoint" in capsys.readouterr().err
