@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         "every": 500,  # steps between the short evaluations drawn on the learning curves
         "curve_episodes": 100,
         "seed": 1234,
+        "settings": None,  # [[ways, shots], ...] for the results table; None: the training shape
     },
     "optim": {
         "name": "adam",  # any optax optimiser taking a learning rate

@@ -20,7 +20,9 @@ class RelationModule(nn.Module):
         x = pairs
         for i in range(2):
             x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i}")(x)
-            x = max_pool(nn.relu(BatchNorm(name=f"norm{i}")(x)))
+            x = nn.relu(BatchNorm(name=f"norm{i}")(x))
+            if min(x.shape[1:3]) >= 2:  # small maps (a deeply pooled encoder) stop pooling at 1x1
+                x = max_pool(x)
         x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
         return nn.sigmoid(nn.Dense(1)(x))[:, 0]
 

@@ -1,0 +1,113 @@
+"""Reproduce the README's Omniglot table: train each config, evaluate it on held-out alphabets.
+
+    python experiments/omniglot_table.py                      # every experiments/omniglot/*.yaml
+    python experiments/omniglot_table.py protonet_20way_1shot  # some of them
+
+For each config: train it (resuming a finished or interrupted run in runs/table/), then
+1000 episodes per ``eval.settings`` entry ([ways, shots]) on the held-out alphabets (mean and
+95% CI), and Lake-style 20-way within-alphabet one-shot runs built from the held-out alphabets.
+Writes experiments/results/omniglot.json (one record per config, merged with earlier ones) and
+experiments/results/omniglot.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fsl_jax.config import load_config
+from fsl_jax.data.lake_runs import read_runs, write_runs
+from fsl_jax.data.omniglot import load_omniglot, split
+from fsl_jax.train import Experiment, evaluate, read_metrics, restore_params, train
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "omniglot.json"
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
+
+
+def lake_accuracy(experiment, params, runs) -> float:
+    predict = jax.jit(experiment.learner.predict)
+    return float(np.mean([np.mean(np.argmax(predict(params, r, jax.random.PRNGKey(0)), -1) == r.query_y) for r in runs]))
+
+
+def run_config(path: Path, episodes: int, lake_runs) -> dict:
+    config = load_config(path, [f"out=runs/table/{path.stem}"])
+    previous = json.loads(RESULTS.read_text()).get(path.stem, {}) if RESULTS.exists() else {}
+    start = time.perf_counter()
+    run = train(config, progress=False)
+    minutes = (time.perf_counter() - start) / 60
+    # a run that was already complete took no training now: keep the minutes measured when it trained
+    minutes = previous.get("train_minutes", minutes) if minutes < 0.2 else minutes
+    experiment = Experiment(config)
+    params, step = restore_params(run, experiment)
+    records = [r for r in read_metrics(run) if r["split"] == "train"]
+    settings = config["eval"]["settings"] or [[config["episode"]["ways"], config["episode"]["shots"]]]
+    result = {"config": str(path.relative_to(HERE.parent)), "method": config["method"], "steps": step,
+              "train_episode": config["episode"], "train_minutes": round(minutes, 1),
+              "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
+              "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
+              "eval": {}}
+    for ways, shots in settings:
+        sampler = experiment.eval_sampler(ways=ways, shots=shots)
+        result["eval"][f"{ways}way_{shots}shot"] = evaluate(experiment.learner, params, sampler, episodes, progress=False)
+        print(path.stem, ways, shots, result["eval"][f"{ways}way_{shots}shot"], flush=True)
+    if lake_runs and any(w == 20 and s == 1 for w, s in settings):
+        result["lake_20way_within_alphabet"] = {"runs": len(lake_runs), "accuracy": lake_accuracy(experiment, params, lake_runs)}
+    return result
+
+
+def markdown(results: dict, header: str) -> str:
+    cell = lambda e: f"{100 * e['accuracy']:.1f} ± {100 * e['ci95']:.1f}" if e else "–"
+    lines = [header, "",
+             "| config | trained on | steps | minutes | train episodes/s | sampler episodes/s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | Lake-style 20-way runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(results.items()):
+        ep = r["train_episode"]
+        lake = r.get("lake_20way_within_alphabet")
+        lines.append(
+            f"| `{r['config']}` | {ep['ways']}-way {ep['shots']}-shot, {ep['queries']} queries/class | {r['steps']} | {r['train_minutes']} | "
+            f"{r['train_episodes_per_s']} | {r['sampler_episodes_per_s']:.0f} | "
+            + " | ".join(cell(r["eval"].get(k)) for k in ("5way_1shot", "5way_5shot", "20way_1shot"))
+            + (f" | {100 * lake['accuracy']:.1f} ({lake['runs']} runs) |" if lake else " | – |"))
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", help="config stems (default: all in experiments/omniglot)")
+    parser.add_argument("--episodes", type=int, default=1000)
+    args = parser.parse_args()
+    paths = sorted((HERE / "omniglot").glob("*.yaml"))
+    if args.configs:
+        paths = [p for p in paths if p.stem in args.configs]
+    _, held_out = split(load_omniglot(image_size=105))
+    with tempfile.TemporaryDirectory() as tmp:
+        lake_runs = read_runs(write_runs(held_out, tmp, runs=20, seed=0), image_size=28)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for path in paths:
+        results[path.stem] = run_config(path, args.episodes, lake_runs)
+        results[path.stem]["machine"] = machine()
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    header = (f"Omniglot, held-out alphabets {', '.join(load_config(None)['data']['test_alphabets'])}; "
+              f"accuracy % ± 95% CI over {args.episodes} episodes (5 queries per class). Machine: {machine()}.")
+    (HERE / "results" / "omniglot.md").write_text(markdown(results, header))
+    print((HERE / "results" / "omniglot.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
