@@ -1,0 +1,119 @@
+"""FSS-1000 folder layout and segmentation episode checks: every bad input names itself."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsl_jax.data.fss import SegmentationEpisodes, load_fss, split_classes
+from fsl_jax.data.segmentation import SegEpisode, check_episode
+from fsl_jax.errors import DataError
+
+
+def write_pair(folder: Path, n: int, size=(20, 16), mask_size=None, mask_values=(0, 255)):
+    rng = np.random.default_rng([n, *folder.name.encode()])
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"{n}.jpg")
+    mw, mh = mask_size or size
+    mask = np.full((mh, mw), mask_values[0], np.uint8)
+    mask[mh // 4: mh // 2 + n % 3, mw // 4: mw // 2] = mask_values[1]
+    Image.fromarray(mask).save(folder / f"{n}.png")
+
+
+@pytest.fixture
+def fss_root(tmp_path) -> Path:
+    """A tiny folder in the FSS-1000 layout: 4 classes of 4 images (20x16) with 0/255 masks."""
+    for c in ("bee", "cat", "kite", "zebra"):
+        for n in range(1, 5):
+            write_pair(tmp_path / "fss" / c, n)
+    return tmp_path / "fss"
+
+
+def test_loads_the_fss_layout(fss_root):
+    data = load_fss(fss_root, image_size=12)
+    assert data.classes == ("bee", "cat", "kite", "zebra")
+    assert data.images.shape == (16, 12, 12, 3) and data.masks.shape == (16, 12, 12) and data.masks.dtype == bool
+    np.testing.assert_array_equal(np.bincount(data.labels), [4, 4, 4, 4])
+    train, test = split_classes(data)
+    assert test.classes == ("zebra",) and "zebra" not in train.classes
+    assert split_classes(data, ["cat"])[1].classes == ("cat",)
+
+
+def test_fss_episodes_are_seeded_and_of_one_class(fss_root):
+    data = load_fss(fss_root, image_size=12)
+    sampler = SegmentationEpisodes(data, shots=2, queries=2, tasks=3, seed=4)
+    episode = check_episode(sampler.sample(7))
+    for x, y in zip(episode, SegmentationEpisodes(data, 2, 2, 3, seed=4).sample(7)):
+        np.testing.assert_array_equal(x, y)
+    assert episode.support_x.shape == (3, 2, 12, 12, 3) and episode.query_mask.shape == (3, 2, 12, 12)
+    for task in range(3):  # all four images of the task come from its class, without repeats
+        rows = [np.flatnonzero((data.images == (img * 255).round().astype(np.uint8)).all((1, 2, 3)))[0]
+                for img in np.concatenate([episode.support_x[task], episode.query_x[task]])]
+        assert len(set(rows)) == 4 and set(data.labels[rows]) == {episode.classes[task]}
+
+
+def test_too_few_images_per_class_is_named(fss_root):
+    with pytest.raises(DataError, match="class 'bee' has 4 images, fewer than shots\\+queries=5"):
+        SegmentationEpisodes(load_fss(fss_root, 12), shots=3, queries=2)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("mask_size", r"mask .*cat/9.png is 10x8 but its image .*cat/9.jpg is 20x16"),
+    ("non_binary", r"mask .*cat/9.png is not binary: it holds values \[128\]"),
+    ("empty", r"mask .*cat/9.png is empty"),
+    ("missing_mask", r".*cat/9.jpg has no mask"),
+    ("corrupt", r"cannot read .*cat/9.jpg"),
+])
+def test_bad_files_are_named(fss_root, case, message):
+    folder = fss_root / "cat"
+    if case == "mask_size":
+        write_pair(folder, 9, mask_size=(10, 8))
+    elif case == "non_binary":
+        write_pair(folder, 9, mask_values=(0, 128))
+    elif case == "empty":
+        write_pair(folder, 9, mask_values=(0, 0))
+    elif case == "missing_mask":
+        write_pair(folder, 9)
+        (folder / "9.png").unlink()
+    else:
+        write_pair(folder, 9)
+        (folder / "9.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=message):
+        load_fss(fss_root, image_size=12)
+
+
+def test_masks_of_zero_and_one_are_binary_too(tmp_path):
+    write_pair(tmp_path / "a", 1, mask_values=(0, 1))
+    write_pair(tmp_path / "a", 2, mask_values=(0, 1))
+    assert load_fss(tmp_path, 8).masks.any()
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        load_fss(tmp_path / "nowhere")
+
+
+def episode(support_mask=None, query_mask=None):
+    rng = np.random.default_rng(0)
+    mask = np.zeros((2, 1, 8, 8), np.float32)
+    mask[..., 2:5, 2:5] = 1
+    return SegEpisode(support_x=rng.random((2, 1, 8, 8, 3), np.float32),
+                      support_mask=mask if support_mask is None else support_mask,
+                      query_x=rng.random((2, 3, 8, 8, 3), np.float32),
+                      query_mask=np.zeros((2, 3, 8, 8), np.float32) if query_mask is None else query_mask,
+                      classes=np.zeros(2, np.int32), distractors=np.zeros(2, np.int32))
+
+
+def test_episode_checks_name_the_bad_input():
+    check_episode(episode())
+    with pytest.raises(DataError, match=r"batch.support_mask is \(2, 1, 6, 8\) but its image is \(2, 1, 8, 8\)"):
+        check_episode(episode(support_mask=np.ones((2, 1, 6, 8), np.float32)), "batch")
+    with pytest.raises(DataError, match=r"episode.query_mask is not binary: it holds values \[0.5\]"):
+        check_episode(episode(query_mask=np.full((2, 3, 8, 8), 0.5, np.float32)))
+    empty = np.ones((2, 1, 8, 8), np.float32)
+    empty[1] = 0
+    with pytest.raises(DataError, match="support mask 0 of task 1 is empty"):
+        check_episode(episode(support_mask=empty))
