@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fsl-jax demo
+	$(VENV)/bin/fsl-jax train --config experiments/demo/protonet.yaml --set out=runs/demo/protonet
+	$(VENV)/bin/fsl-jax eval --run runs/demo/protonet --ways 5 --shots 1 --episodes 1000
+	$(VENV)/bin/fsl-jax eval --run runs/demo/protonet --ways 20 --shots 1 --episodes 1000
+	@echo "Run directory: runs/demo/protonet (checkpoints/, metrics.jsonl, curves.png)"
 
 # pytest exits 5 when it collected no test: that is a failure here too.
 test: $(STAMP)

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "backbone_options": {},
     "data": {
         "name": "omniglot",
+        "source": "zips",  # zips: Lake's official zip files; tfds: tensorflow-datasets' "omniglot"
         "dir": None,  # else $FSL_JAX_DATA, else ../shared/data
         "image_size": 28,
         "rotations": True,  # 90-degree rotations of training characters as new classes

@@ -142,3 +142,25 @@ def test_lake_runs_round_trip(omniglot105, tmp_path):
     assert sorted(run.query_y[0].tolist()) == list(range(20))
     with pytest.raises(DataError, match="class_labels.txt"):
         read_runs(tmp_path / "run01" / "training")
+
+
+def test_tfds_source_groups_and_deduplicates(monkeypatch):
+    """from_tfds reads tensorflow-datasets' omniglot features; here a fake tfds serves two
+    splits that share one alphabet, as small1 and small2 do."""
+    import types
+
+    from fsl_jax.data.download import from_tfds
+
+    names = ["Greek", "Korean"]
+    examples = {
+        "small1": [dict(alphabet=0, alphabet_char_id=c, image=np.zeros((105, 105, 3), np.uint8)) for c in range(2) for _ in range(20)],
+        "small2": [dict(alphabet=a, alphabet_char_id=0, image=np.full((105, 105, 3), 255, np.uint8)) for a in (0, 1) for _ in range(20)],
+    }
+    info = types.SimpleNamespace(features={"alphabet": types.SimpleNamespace(int2str=lambda i: names[i])})
+    fake = types.SimpleNamespace(load=lambda name, split, data_dir, with_info: (examples[split], info), as_numpy=lambda d: d)
+    monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", fake)
+    chars = from_tfds()
+    assert chars.num_classes == 3  # Greek character 1 appears in both splits once
+    assert chars.alphabets == ("Greek", "Greek", "Korean")
+    assert chars.images.shape == (3, 20, 105, 105)
+    assert chars.images[0].min() == 1.0 and chars.images[2].max() == 0.0  # black strokes become 1

@@ -101,3 +101,17 @@ def test_transfer_prediction_ignores_the_pretraining_head(tiny_chars):
 def test_bad_method_options_are_named(factory, kwargs):
     with pytest.raises(ValueError, match=list(kwargs.values())[0]):
         factory(SMALL, **kwargs)
+
+
+def test_resnet12_feature_map_and_frozen_statistics(tiny_chars):
+    from fsl_jax.nets import ResNet12
+
+    net = ResNet12(widths=(8, 16, 16, 32))
+    x = jnp.asarray(tiny_chars.images[:4, 0, ..., None])
+    variables = net.init(jax.random.PRNGKey(0), x)
+    assert net.apply(variables, x).shape == (4, 1, 1, 32)
+    # statistics recorded on one batch, then reused: a single image gives the same output
+    # as it did inside that batch
+    out, stats = net.apply(variables, x, mutable=["norm_stats"])
+    single = net.apply({**variables, **stats}, x[:1])
+    np.testing.assert_allclose(single, out[:1], rtol=1e-5, atol=1e-5)

@@ -7,9 +7,18 @@ __all__ = ["CharacterSet", "Episode", "EpisodeSampler", "data_root", "load_omnig
 
 def character_splits(config: dict) -> tuple[CharacterSet, CharacterSet]:
     """(train, test) characters a config asks for; training classes include rotations if asked."""
+    from fsl_jax.errors import ConfigError
+
     data = config["data"]
     if data["name"] != "omniglot":
-        from fsl_jax.errors import ConfigError
         raise ConfigError(f"unknown dataset {data['name']!r}; available: ['omniglot']")
-    train, test = split(load_omniglot(data["dir"], data["image_size"]), data["test_alphabets"])
+    if data["source"] == "zips":
+        chars = load_omniglot(data["dir"], data["image_size"])
+    elif data["source"] == "tfds":
+        from fsl_jax.data.download import from_tfds
+
+        chars = from_tfds(data_dir=data["dir"]).resized(data["image_size"])
+    else:
+        raise ConfigError(f"unknown data.source {data['source']!r}; available: ['zips', 'tfds']")
+    train, test = split(chars, data["test_alphabets"])
     return (with_rotations(train) if data["rotations"] else train), test
