@@ -7,6 +7,7 @@ and resumed reaches exactly the metrics of an uninterrupted one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -82,9 +83,15 @@ def make_train_step(learner: Learner, optimiser: optax.GradientTransformation):
     return step
 
 
+@functools.lru_cache(maxsize=None)
+def _episode_accuracy(learner: Learner):
+    """Jitted per-episode query accuracy, compiled once per learner."""
+    return jax.jit(lambda p, b, r: jnp.mean(jnp.argmax(learner.predict(p, b, r), -1) == b.query_y, -1))
+
+
 def evaluate(learner: Learner, params, sampler: EpisodeSampler, episodes: int, progress: bool = True) -> dict:
     """Accuracy over ``episodes`` episodes: mean and 95% confidence interval (1.96 standard errors)."""
-    predict = jax.jit(lambda p, b, r: jnp.mean(jnp.argmax(learner.predict(p, b, r), -1) == b.query_y, -1))
+    predict = _episode_accuracy(learner)
     scores, batch_index = [], 0
     with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
         while len(scores) < episodes:
