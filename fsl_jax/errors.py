@@ -24,3 +24,7 @@ class TrainingDiverged(FslJaxError, FloatingPointError):
         kept = (f"the last good checkpoint (step {checkpoint_step}) is kept"
                 if checkpoint_step is not None else "no checkpoint had been written yet")
         super().__init__(f"loss is {loss} at step {step}: training stopped; {kept}")
+
+
+class ExportError(FslJaxError, ValueError):
+    """A model that cannot be exported as asked (an unsupported operation, an output that exists)."""
