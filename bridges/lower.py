@@ -146,6 +146,8 @@ class _Lowering:
     def __init__(self, resize_probe: bool = True):
         self.resize_probe = resize_probe
         self.counts: dict[str, int] = {}
+        self.producers: dict = {}  # Var -> the equation that computed it (for the patterns below)
+        self.values: dict = {}  # Var -> its value, every scope (Vars are unique across jaxprs)
 
     # ----- values -----
     def run(self, jaxpr: core.Jaxpr, consts, args, prefix: str = ""):
@@ -158,9 +160,9 @@ class _Lowering:
             return value if lazy else _broadcast(value, v.aval.shape)
 
         for v, c in zip(jaxpr.constvars, consts):
-            env[v] = np.asarray(c) if not isinstance(c, tf.Tensor) else c
+            env[v] = self.values[v] = np.asarray(c) if not isinstance(c, tf.Tensor) else c
         for v, a in zip(jaxpr.invars, args):
-            env[v] = a
+            env[v] = self.values[v] = a
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -183,7 +185,8 @@ class _Lowering:
                     outs = outs if isinstance(outs, (list, tuple)) else [outs]
             for v, out in zip(eqn.outvars, outs):
                 if not isinstance(v, core.DropVar):
-                    env[v] = out
+                    env[v] = self.values[v] = out
+                    self.producers[v] = eqn
         return [read(v) for v in jaxpr.outvars]
 
     @staticmethod
@@ -329,15 +332,85 @@ def _reduce(op):
     return rule
 
 
+def _reduce_max(lowering, eqn, invals, where, axes, **__):
+    """reduce_max; the max over window axes of ``reshape(x, [N, h, k, w, k, C])`` (pooling written
+    without ``reduce_window``) as the MaxPool it computes: Core ML tensors have rank 5 at most."""
+    split = lowering.producers.get(eqn.invars[0])
+    shape = tuple(eqn.invars[0].aval.shape)
+    if split is not None and split.primitive.name == "reshape" and len(shape) == 6 and tuple(axes) == (2, 4):
+        source = split.invars[0]
+        n, h, kh, w, kw, c = shape
+        if tuple(source.aval.shape) == (n, h * kh, w * kw, c) and not isinstance(source, core.Literal):
+            crop = lowering.producers.get(source)  # x[:, :h*kh, :w*kw]: VALID pooling drops the rest itself
+            if (crop is not None and crop.primitive.name == "slice" and not any(crop.params["start_indices"])
+                    and crop.params["strides"] in (None, (1, 1, 1, 1)) and len(crop.invars[0].aval.shape) == 4):
+                source = crop.invars[0]
+            return tf.nn.max_pool2d(_broadcast(lowering.values[source], source.aval.shape), [kh, kw], [kh, kw], "VALID")
+    return tf.reduce_max(invals[0], axis=list(axes)) if axes else invals[0]
+
+
 def _arg(op):
     def rule(_, eqn, invals, where, axes, index_dtype, **__):
         return op(invals[0], axis=axes[0], output_type=tf.as_dtype(index_dtype))
     return rule
 
 
-def _dot_general(_, eqn, invals, where, dimension_numbers, **__):
-    """Any dot_general as (batched) MatMul between transposes and reshapes."""
+def _im2col_source(lowering, eqn, dimension_numbers):
+    """If ``eqn`` is the matrix product of an im2col convolution (``concatenate`` along channels
+    of the kh x kw shifted slices of one NHWC tensor, times a [kh*kw*C, out] kernel), return
+    (that tensor, kh, kw, "VALID"), or (the tensor before its SAME zero padding, kh, kw, "SAME");
+    else None."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    lhs, rhs = eqn.invars
+    columns = lowering.producers.get(lhs)
+    if (lb or rb or tuple(rc) != (0,) or len(lhs.aval.shape) != 4 or tuple(lc) != (3,) or columns is None
+            or columns.primitive.name != "concatenate" or columns.params["dimension"] != 3):
+        return None
+    slices = [lowering.producers.get(v) if not isinstance(v, core.Literal) else None for v in columns.invars]
+    if any(s is None or s.primitive.name != "slice" or s.params["strides"] not in (None, (1, 1, 1, 1)) for s in slices):
+        return None
+    source = slices[0].invars[0]
+    n, h, w, c = (int(d) for d in columns.invars[0].aval.shape)
+    offsets = [tuple(s.params["start_indices"]) for s in slices]
+    kh, kw = offsets[-1][1] + 1, offsets[-1][2] + 1
+    expected = [(0, i, j, 0) for i in range(kh) for j in range(kw)]
+    if (offsets != expected or any(s.invars[0] is not source for s in slices)
+            or tuple(source.aval.shape) != (n, h + kh - 1, w + kw - 1, c) or tuple(rhs.aval.shape)[0] != kh * kw * c
+            or any(tuple(v.aval.shape) != (n, h, w, c) for v in columns.invars)):
+        return None
+    return _unpadded(lowering, source, kh, kw) or (_broadcast(lowering.values[source], source.aval.shape), kh, kw, "VALID")
+
+
+def _unpadded(lowering, var, kh: int, kw: int):
+    """(the input, kh, kw, "SAME") if ``var`` is that input zero-padded by SAME's (kh//2, kw//2), else None."""
+    pad = lowering.producers.get(var)
+    if pad is not None and pad.primitive.name in _CALLS:  # jnp.pad is a jit named _pad around lax.pad
+        inner = pad.params.get("jaxpr")
+        inner_pads = [e for e in inner.jaxpr.eqns if e.primitive.name == "pad"] if inner is not None else []
+        if len(inner_pads) != 1 or len(inner.jaxpr.eqns) > 2 or inner_pads[0].invars[0] is not inner.jaxpr.invars[0]:
+            return None
+        config, fill = inner_pads[0].params["padding_config"], pad.invars[1] if len(pad.invars) > 1 else None
+    elif pad is not None and pad.primitive.name == "pad":
+        config, fill = pad.params["padding_config"], pad.invars[1]
+    else:
+        return None
+    zero = isinstance(fill, core.Literal) and fill.val == 0
+    same = [(0, 0, 0), (kh // 2, kh // 2, 0), (kw // 2, kw // 2, 0), (0, 0, 0)]
+    if not zero or [tuple(int(v) for v in c) for c in config] != same or isinstance(pad.invars[0], core.Literal):
+        return None
+    source = pad.invars[0]
+    return _broadcast(lowering.values[source], source.aval.shape), kh, kw, "SAME"
+
+
+def _dot_general(lowering, eqn, invals, where, dimension_numbers, **__):
+    """Any dot_general as (batched) MatMul between transposes and reshapes; the product of an
+    im2col convolution (see :func:`_im2col_source`) as the Conv2D it computes."""
     lhs, rhs = invals
+    im2col = _im2col_source(lowering, eqn, dimension_numbers)
+    if im2col is not None and len(rhs.shape) == 2:
+        source, kh, kw, padding = im2col
+        kernel = _reshape(rhs, [kh, kw, int(source.shape[3]), int(rhs.shape[1])])
+        return tf.nn.conv2d(source, kernel, 1, padding)
     (lc, rc), (lb, rb) = dimension_numbers
     lf = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
     rf = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
@@ -458,7 +531,7 @@ _RULES: dict[str, Callable] = {
     "convert_element_type": _convert_element_type, "reshape": _reshape_rule, "transpose": _transpose_rule,
     "concatenate": _concatenate, "split": _split, "pad": _pad, "slice": _slice, "dynamic_slice": _dynamic_slice,
     "squeeze": _squeeze, "rev": _rev, "select_n": _select_n, "clamp": _clamp,
-    "reduce_sum": _reduce(tf.reduce_sum), "reduce_max": _reduce(tf.reduce_max), "reduce_min": _reduce(tf.reduce_min),
+    "reduce_sum": _reduce(tf.reduce_sum), "reduce_max": _reduce_max, "reduce_min": _reduce(tf.reduce_min),
     "reduce_prod": _reduce(tf.reduce_prod), "reduce_and": _reduce(tf.reduce_all), "reduce_or": _reduce(tf.reduce_any),
     "argmax": _arg(tf.argmax), "argmin": _arg(tf.argmin),
     "dot_general": _dot_general, "conv_general_dilated": _conv,

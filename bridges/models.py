@@ -187,9 +187,11 @@ def load_class_folders(directory: Path, image_size: int) -> Support:
 
 def held_out_support(experiment, ways: int | None = None, shots: int | None = None) -> Support:
     """The first evaluation episode of the run's held-out alphabets (its queries serve as examples)."""
+    from fsl_jax.data import character_splits
+
     sampler = experiment.eval_sampler(episodes_per_batch=1, ways=ways, shots=shots)
     episode = sampler.sample(0)
-    chars = experiment.test_chars
+    _, chars = character_splits(experiment.config)
     names = [f"{chars.alphabets[c]}/{chars.characters[c]}" for c in episode.classes[0]]
     return Support(episode.support_x[0], episode.support_y[0], names, episode.query_x[0],
                    f"the first held-out episode ({sampler.ways}-way {sampler.shots}-shot, alphabets "

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_data)
 
-    for command in (train, ev, bench, data):
+    export = sub.add_parser("export", help="export a run to a TensorFlow SavedModel or a Core ML .mlpackage")
+    from bridges.cli import add_arguments as add_export_arguments, cmd_export
+    add_export_arguments(export)
+    export.set_defaults(func=cmd_export)
+
+    for command in (train, ev, bench, data, export):
         command.add_argument("--data-dir", help="data root (else $FSL_JAX_DATA, else ../shared/data)")
         command.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser

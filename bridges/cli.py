@@ -1,0 +1,30 @@
+"""``fsl-jax export``: a trained run to a TensorFlow SavedModel or a Core ML ``.mlpackage``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bridges.export import FORMATS, MODELS
+
+    parser.add_argument("--run", required=True, type=Path, help="a run directory (config.yaml and checkpoints/)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="Core ML compute precision")
+    parser.add_argument("--support", type=Path,
+                        help="support set to bake in (classifiers: DIR/<class>/*.png; segmenters: DIR/<n>.jpg with "
+                             "DIR/<n>.png masks); default: the run's first held-out episode")
+    parser.add_argument("--out", type=Path, help="output path (default: RUN/export/<model>.mlpackage or _savedmodel)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output")
+    parser.add_argument("--model", choices=MODELS, default="auto",
+                        help="auto: the complete model of the run's method; embedding: the embedding network only")
+    parser.add_argument("--target", help="Core ML minimum deployment target (default iOS16), e.g. iOS17, macOS13")
+    parser.add_argument("--array-input", action="store_true",
+                        help="Core ML inputs as float arrays normalised as in training, instead of images")
+
+
+def cmd_export(args) -> dict:
+    from bridges.export import export_run
+
+    return export_run(args.run, args.format, args.precision, args.support, args.out, args.force, args.model,
+                      args.target, not args.array_input, args.data_dir)

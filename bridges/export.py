@@ -1,0 +1,149 @@
+"""Export a trained run: build the model, write it, check it against JAX, report.
+
+:func:`export_run` is what ``fsl-jax export`` runs. The report gives the output's path and
+size, the number of MIL operations (Core ML), and the parity figures: the largest absolute
+difference from JAX of the lowered TensorFlow graph, of the SavedModel, and of the saved
+``.mlpackage`` run by the numpy MIL evaluator (on 8-bit-quantised inputs when the model
+takes images, since that is what Core ML feeds it).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
+    load_class_folders, run_metadata
+from fsl_jax.errors import DataError, ExportError
+
+FORMATS = ("savedmodel", "coreml")
+MODELS = ("auto", "embedding")
+PARITY_EXAMPLES = 8  # Core ML inputs are single images: how many the parity checks run
+
+
+def load_run(run: str | Path, data_dir: str | None = None):
+    """(config, experiment, params, step) of a trained run; clear errors for a missing run or checkpoint."""
+    from fsl_jax.config import load_config
+    from fsl_jax.train import Experiment, restore_params
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise DataError(f"{run} is not a run directory: {run / 'config.yaml'} is missing")
+    checkpoints = run / "checkpoints"
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise DataError(f"run {run} has no checkpoint in {checkpoints}: train it first (fsl-jax train)")
+    config = load_config(run / "config.yaml", [f"data.dir={data_dir}"] if data_dir else [])
+    experiment = Experiment(config)
+    params, step = restore_params(run, experiment)
+    return config, experiment, params, step
+
+
+def build_model(run: str | Path, support: str | Path | None = None, model: str = "auto",
+                data_dir: str | None = None) -> Exportable:
+    """The exportable a run gives: a classifier with the support set baked in (``model="auto"``) or its
+    embedding network; the support set is ``support`` (a directory) or the run's first held-out episode."""
+    if model not in MODELS:
+        raise ExportError(f"model must be one of {MODELS}, got {model!r}")
+    config, experiment, params, step = load_run(run, data_dir)
+    metadata = run_metadata(config, Path(run), step)
+    image_size = config["data"]["image_size"]
+    chosen: Support = load_class_folders(Path(support), image_size) if support else held_out_support(experiment)
+    if model == "embedding":
+        return embedding_model(config, params, chosen, metadata)
+    return classifier_model(config, params, chosen, metadata)
+
+
+def _quantise(model: Exportable, examples: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(8-bit pixels, the model inputs Core ML makes of them: scale * p + bias in float32)."""
+    pixels, inputs = [], []
+    for spec, x in zip(model.inputs, examples):
+        bias = np.asarray(spec.bias, np.float32)
+        p = np.clip(np.round((x - bias) / spec.scale), 0, 255).astype(np.float32)
+        pixels.append(p)
+        inputs.append(np.float32(spec.scale) * p + bias)
+    return pixels, inputs
+
+
+def parity(model: Exportable, path: Path, fmt: str, image_input: bool = True) -> dict[str, float]:
+    """Largest absolute differences from JAX of what was written at ``path`` (and of the lowered graph)."""
+    import tensorflow as tf
+
+    from bridges.lower import lower
+
+    examples = [x[:PARITY_EXAMPLES] for x in model.examples]
+    expected = [np.asarray(o) for o in model(*examples)]
+    diff = lambda got, want: float(np.max(np.abs(np.asarray(got, np.float64) - want)))
+    if fmt == "savedmodel":
+        from bridges.savedmodel import run_savedmodel
+
+        got = run_savedmodel(path, {i.name: x for i, x in zip(model.inputs, examples)})
+        return {"savedmodel_vs_jax": max(diff(got[n], e) for n, e in zip(model.outputs, expected))}
+    from bridges.mil import Program
+
+    graph, _ = lower(model, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
+    lowered = [np.concatenate(o) for o in zip(*[graph(*[tf.constant(x[j:j + 1]) for x in examples])
+                                               for j in range(len(examples[0]))])]
+    pixels, quantised = _quantise(model, examples) if image_input else (examples, examples)
+    reference = [np.asarray(o) for o in model(*quantised)]
+    program = Program(path)
+    runs = [program(**{i.name: x[j:j + 1] for i, x in zip(model.inputs, pixels)}) for j in range(len(pixels[0]))]
+    return {"lowered_tf_vs_jax": max(diff(g, e) for g, e in zip(lowered, expected)),
+            "coreml_vs_jax": max(diff(np.concatenate([r[n] for r in runs]), e) for n, e in zip(model.outputs, reference))}
+
+
+def default_out(run: Path, model: Exportable, fmt: str, precision: str) -> Path:
+    suffix = ".mlpackage" if fmt == "coreml" else "_savedmodel"
+    return Path(run) / "export" / f"{model.kind}{'_fp16' if precision == 'fp16' else ''}{suffix}"
+
+
+def directory_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 3)
+
+
+def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str | Path | None = None,
+               out: str | Path | None = None, force: bool = False, model: str = "auto",
+               target: str | None = None, image_input: bool = True, data_dir: str | None = None) -> dict:
+    """Export a run as a SavedModel or a Core ML ``.mlpackage``; returns the report (see module doc)."""
+    start = time.perf_counter()
+    if fmt not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "savedmodel" and precision != "fp32":
+        raise ExportError("a SavedModel is exported in float32; --precision applies to Core ML")
+    if out is not None:
+        _clear(Path(out), force)
+    exportable = build_model(run, support, model, data_dir)
+    path = Path(out) if out is not None else default_out(Path(run), exportable, fmt, precision)
+    if out is None:
+        _clear(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"output": str(path), "format": fmt, "model": exportable.kind, "precision": precision,
+              "inputs": {i.name: [1, *i.shape] for i in exportable.inputs}, "outputs": exportable.outputs}
+    if fmt == "savedmodel":
+        from bridges.savedmodel import to_savedmodel
+
+        to_savedmodel(exportable, path)
+    else:
+        from bridges.coreml import DEFAULT_TARGET, to_coreml
+        from bridges.mil import audit
+
+        to_coreml(exportable, path, precision, target or DEFAULT_TARGET, image_input)
+        found = audit(path)
+        if found.unknown:
+            raise ExportError(f"{path} holds operations that are not MIL operations: {found.unknown}")
+        report["mil_ops"] = found.op_count
+        report["mil_op_types"] = {k: v for k, v in sorted(found.ops.items()) if k != "const"}
+    report["size_mb"] = directory_mb(path)
+    report["parity"] = parity(exportable, path, fmt, image_input)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _clear(path: Path, force: bool) -> None:
+    """Refuse to overwrite ``path`` unless ``force``; with ``force``, remove it."""
+    if path.exists():
+        if not force:
+            raise ExportError(f"output {path} already exists; pass --force to replace it")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
