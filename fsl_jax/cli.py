@@ -38,13 +38,17 @@ def cmd_eval(args) -> dict:
     import numpy as np
     import jax
 
-    from fsl_jax.train import Experiment, evaluate, restore_params
+    from fsl_jax.errors import ConfigError
+    from fsl_jax.train import Experiment, restore_params
 
     config = _config_from_run(args.run, args.data_dir)
     experiment = Experiment(config)
     params, step = restore_params(Path(args.run), experiment)
     if args.lake_runs:
         from fsl_jax.data.lake_runs import read_runs
+
+        if experiment.task.score != "accuracy":
+            raise ConfigError(f"--lake-runs scores classifiers; {args.run} is a {config['data']['name']} run")
 
         runs = read_runs(args.lake_runs, config["data"]["image_size"])
         predict = jax.jit(experiment.learner.predict)
@@ -53,11 +57,21 @@ def cmd_eval(args) -> dict:
         ci95 = float(1.96 * np.std(correct, ddof=1) / np.sqrt(len(correct))) if len(correct) > 1 else float("nan")
         return {"run": str(args.run), "step": step, "protocol": "lake-one-shot", "runs": len(runs),
                 "accuracy": accuracy, "error": 1 - accuracy, "ci95": ci95}
-    sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries)
-    result = evaluate(experiment.learner, params, sampler, args.episodes or config["eval"]["episodes"],
-                      progress=not args.no_progress)
-    return {"run": str(args.run), "step": step, "ways": sampler.ways, "shots": sampler.shots,
-            "queries": sampler.queries, "alphabets": config["data"]["test_alphabets"], **result}
+    if args.episodes_dir:
+        from fsl_jax.data.segmentation import FixedEpisodes, load_episodes
+
+        fixed = load_episodes(args.episodes_dir)
+        sampler, described, episodes = FixedEpisodes(fixed, 10), {"episodes_dir": str(args.episodes_dir)}, fixed.tasks
+    else:
+        sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries,
+                                          distractors=args.distractors)
+        described, episodes = experiment.task.describe(sampler), config["eval"]["episodes"]
+    result = {"run": str(args.run), "step": step, **described,
+              **experiment.evaluate(params, sampler, args.episodes or episodes, progress=not args.no_progress)}
+    if experiment.task.picture is not None:
+        picture = experiment.task.picture(experiment.learner, params, sampler, args.picture or Path(args.run) / "eval.png")
+        result["picture"] = str(picture)
+    return result
 
 
 def cmd_bench(args) -> dict:
@@ -76,7 +90,17 @@ def cmd_data(args) -> dict:
     from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, load_omniglot, split
 
     _, held_out = split(load_omniglot(args.data_dir, 105), args.alphabets or DEFAULT_TEST_ALPHABETS)
-    return {"lake_runs": str(write_runs(held_out, args.out, runs=args.runs, seed=args.seed))}
+    if args.action == "cluttered-sets":
+        from fsl_jax.data.cluttered import TEST_DRAWERS, ClutteredOmniglot
+        from fsl_jax.data.segmentation import collect, save_episodes
+
+        out = args.out or Path("runs/cluttered_omniglot")
+        written = {}
+        for level in args.distractors:
+            episodes = collect(ClutteredOmniglot(held_out, (level,), 50, args.seed, TEST_DRAWERS), args.episodes)
+            written[str(level)] = str(save_episodes(episodes, out / f"distractors_{level}"))
+        return {"cluttered_sets": written, "episodes": args.episodes, "alphabets": list(args.alphabets or DEFAULT_TEST_ALPHABETS)}
+    return {"lake_runs": str(write_runs(held_out, args.out or Path("runs/lake_runs"), runs=args.runs, seed=args.seed))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,13 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a run on held-out classes or Lake's one-shot runs")
+    ev = sub.add_parser("eval", help="evaluate a run on held-out classes, Lake's one-shot runs or a fixed set")
     ev.add_argument("--run", required=True, type=Path)
     ev.add_argument("--ways", type=int)
     ev.add_argument("--shots", type=int)
     ev.add_argument("--queries", type=int)
     ev.add_argument("--episodes", type=int)
+    ev.add_argument("--distractors", type=int, nargs="+", help="cluttered scenes: the distractor levels")
     ev.add_argument("--lake-runs", type=Path, help="a directory of runNN folders in Lake's layout")
+    ev.add_argument("--episodes-dir", type=Path, help="segmentation: a fixed set of episodes (.npy per field)")
+    ev.add_argument("--picture", type=Path, help="segmentation: where to write the PNG (default RUN/eval.png)")
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="measure speed; prints one JSON line")
@@ -102,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    data = sub.add_parser("data", help="get Omniglot, or write Lake-style one-shot runs")
-    data.add_argument("action", choices=["download", "lake-runs"])
+    data = sub.add_parser("data", help="get Omniglot, write Lake-style one-shot runs or fixed cluttered test sets")
+    data.add_argument("action", choices=["download", "lake-runs", "cluttered-sets"])
     data.add_argument("dataset", nargs="?", default="omniglot", choices=["omniglot"])
-    data.add_argument("--out", type=Path, default=Path("runs/lake_runs"), help="lake-runs: where to write")
-    data.add_argument("--alphabets", nargs="*", help="lake-runs: alphabets to draw from (default: held-out ones)")
+    data.add_argument("--out", type=Path, help="where to write (default runs/lake_runs, runs/cluttered_omniglot)")
+    data.add_argument("--alphabets", nargs="*", help="alphabets to draw from (default: held-out ones)")
     data.add_argument("--runs", type=int, default=20)
+    data.add_argument("--episodes", type=int, default=1000, help="cluttered-sets: scenes per distractor level")
+    data.add_argument("--distractors", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
+                      help="cluttered-sets: distractor levels, one set each")
     data.add_argument("--seed", type=int, default=0)
     data.set_defaults(func=cmd_data)
 

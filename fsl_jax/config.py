@@ -70,6 +70,66 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Segmentation tasks (see fsl_jax.tasks) replace the data, episode and eval blocks above with theirs.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cluttered_omniglot": {  # one-shot segmentation in clutter (Michaelis et al. 2018)
+        "data": {
+            "name": "cluttered_omniglot",
+            "dir": None,
+            "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+            "scene_size": 96,
+            "exemplar_size": 32,
+            "char_size": 32,  # pixels a 105-pixel Omniglot character spans at scale 1
+            "distractors": [4, 8, 16, 32, 64, 128, 256],  # training scenes: a level drawn per scene
+        },
+        "episode": {"tasks": 8},  # scenes (each with its exemplar) per training step
+        "eval": {
+            "distractors": [4, 32, 256],
+            "episodes": 900,  # in all: the levels take turns
+            "every": 500,
+            "curve_episodes": 90,
+            "seed": 1234,
+            "pictures": 6,  # rows of the PNG that `fsl-jax eval` writes
+        },
+    },
+    "omniglot_seg": {  # K-shot segmentation episodes of Omniglot scenes
+        "data": {
+            "name": "omniglot_seg",
+            "dir": None,
+            "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+            "scene_size": 64,
+            "char_size": 24,
+            "distractors": [8],
+        },
+        "episode": {"shots": 1, "queries": 2, "tasks": 4},
+        "eval": {"shots": None, "queries": 2, "episodes": 1000, "every": 500, "curve_episodes": 100, "seed": 1234,
+                 "pictures": 6},
+    },
+    "fss": {  # K-shot segmentation episodes from a folder in the FSS-1000 layout
+        "data": {
+            "name": "fss",
+            "dir": None,  # the folder of class folders; else <data root>/fss1000
+            "image_size": 224,
+            "test_classes": None,  # None: every fourth class in name order
+        },
+        "episode": {"shots": 1, "queries": 1, "tasks": 4},
+        "eval": {"shots": None, "queries": 1, "episodes": 1000, "every": 500, "curve_episodes": 100, "seed": 1234,
+                 "pictures": 6},
+    },
+}
+
+
+def defaults_for(data_name: str) -> dict:
+    """The defaults of a config whose ``data.name`` is ``data_name``."""
+    config = copy.deepcopy(DEFAULTS)
+    if data_name == DEFAULTS["data"]["name"]:
+        return config
+    if data_name not in TASK_DEFAULTS:
+        raise ConfigError(f"unknown data.name {data_name!r}; available: {sorted([DEFAULTS['data']['name'], *TASK_DEFAULTS])}")
+    config.update(copy.deepcopy(TASK_DEFAULTS[data_name]))
+    return config
+
+
 def _merge(base: dict, update: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -97,16 +157,27 @@ def parse_override(item: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults, then the YAML file, then each ``key=value`` override, in that order."""
-    config = copy.deepcopy(DEFAULTS)
+    """Defaults, then the YAML file, then each ``key=value`` override, in that order.
+
+    The defaults are those of the task named by the last ``data.name`` among the file and the
+    overrides (classification on Omniglot if none).
+    """
+    layers = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        config = _merge(config, read_yaml(path.read_text()) or {})
-        config["name"] = config["name"] or path.stem
-    for item in overrides:
-        config = _merge(config, parse_override(item))
+        layers.append(read_yaml(path.read_text()) or {})
+    layers += [parse_override(item) for item in overrides]
+    data_name = DEFAULTS["data"]["name"]
+    for layer in layers:
+        if isinstance(layer, dict) and isinstance(layer.get("data"), dict) and "name" in layer["data"]:
+            data_name = layer["data"]["name"]
+    config = defaults_for(data_name)
+    for i, layer in enumerate(layers):
+        config = _merge(config, layer)
+        if i == 0 and path is not None:
+            config["name"] = config["name"] or path.stem
     config["name"] = config["name"] or "run"
     config["out"] = config["out"] or str(Path("runs") / config["name"])
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 
 from fsl_jax import metric
+from fsl_jax import seg
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
 from fsl_jax.nets import BACKBONES
@@ -14,6 +15,8 @@ METHODS = {
     "relation": metric.relation,
     "siamese": metric.siamese,
     "transfer": metric.transfer,
+    "prototype_segmenter": seg.prototype_segmenter,
+    "siamese_unet": seg.siamese_unet,
 }
 
 

@@ -1,31 +1,31 @@
-"""One training loop for every learner: jitted optax step, orbax checkpoints, metrics as JSON lines.
+"""One training loop for every learner and kind of task: jitted optax step, orbax checkpoints, metrics as JSON lines.
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (orbax; written atomically, so a
 killed run never leaves a broken one), ``metrics.jsonl`` (one record per log or evaluation)
 and ``curves.png``. Episodes and step keys depend only on ``(seed, step)``, so a run killed
-and resumed reaches exactly the metrics of an uninterrupted one.
+and resumed reaches exactly the metrics of an uninterrupted one. What differs between
+classification and segmentation (samplers, evaluation, the held-out score) comes from the
+config's task (:mod:`fsl_jax.tasks`).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import eval_episode, read_yaml
-from fsl_jax.data import EpisodeSampler, character_splits
+from fsl_jax.config import read_yaml
 from fsl_jax.errors import ConfigError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.methods import make_learner
+from fsl_jax.tasks import evaluate, load_task  # noqa: F401  (evaluate: classification, importable from here)
 
 
 def make_optimiser(optim: dict, steps: int) -> optax.GradientTransformation:
@@ -51,20 +51,22 @@ def make_optimiser(optim: dict, steps: int) -> optax.GradientTransformation:
 
 
 class Experiment:
-    """What a config builds: samplers, learner, optimiser, initial parameters."""
+    """What a config builds: its task (samplers, evaluation), learner, optimiser, initial parameters."""
 
     def __init__(self, config: dict):
         self.config = config
-        train_chars, self.test_chars = character_splits(config)
-        ep, seed = config["episode"], config["train"]["seed"]
-        self.train_sampler = EpisodeSampler(train_chars, ep["ways"], ep["shots"], ep["queries"], ep["tasks"], seed)
-        self.learner: Learner = make_learner(config, num_train_classes=train_chars.num_classes)
+        self.task = load_task(config)
+        self.train_sampler = self.task.train_sampler
+        self.learner: Learner = make_learner(config, num_train_classes=self.task.num_train_classes)
         self.optimiser = make_optimiser(config["optim"], config["train"]["steps"])
 
-    def eval_sampler(self, episodes_per_batch: int = 10, **overrides) -> EpisodeSampler:
-        shape = {**eval_episode(self.config), **{k: v for k, v in overrides.items() if v is not None}}
-        return EpisodeSampler(self.test_chars, shape["ways"], shape["shots"], shape["queries"],
-                              episodes_per_batch, self.config["eval"]["seed"])
+    def eval_sampler(self, episodes_per_batch: int = 10, **overrides):
+        """A sampler of held-out episodes; overrides (``ways``, ``shots``, ...; None: as configured)."""
+        return self.task.eval_sampler(episodes_per_batch, **overrides)
+
+    def evaluate(self, params, sampler, episodes: int, progress: bool = True) -> dict:
+        """The task's scores of ``params`` over ``episodes`` episodes of ``sampler``."""
+        return self.task.evaluate(self.learner, params, sampler, episodes, progress)
 
     def init_params(self):
         key = jax.random.PRNGKey(self.config["train"]["seed"])
@@ -81,27 +83,6 @@ def make_train_step(learner: Learner, optimiser: optax.GradientTransformation):
         return optax.apply_updates(params, updates), opt_state, loss, metrics
 
     return step
-
-
-@functools.lru_cache(maxsize=None)
-def _episode_accuracy(learner: Learner):
-    """Jitted per-episode query accuracy, compiled once per learner."""
-    return jax.jit(lambda p, b, r: jnp.mean(jnp.argmax(learner.predict(p, b, r), -1) == b.query_y, -1))
-
-
-def evaluate(learner: Learner, params, sampler: EpisodeSampler, episodes: int, progress: bool = True) -> dict:
-    """Accuracy over ``episodes`` episodes: mean and 95% confidence interval (1.96 standard errors)."""
-    predict = _episode_accuracy(learner)
-    scores, batch_index = [], 0
-    with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
-        while len(scores) < episodes:
-            batch = sampler.sample(batch_index)
-            scores.extend(np.asarray(predict(params, batch, jax.random.PRNGKey(batch_index))).tolist())
-            batch_index += 1
-            bar.update(sampler.tasks)
-    scores = np.array(scores[:episodes])
-    return {"accuracy": float(scores.mean()), "ci95": float(1.96 * scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else float("nan"),
-            "episodes": len(scores)}
 
 
 def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
@@ -126,8 +107,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def plot_curves(run_dir: Path) -> Path:
-    """``curves.png``: training loss and accuracy, and held-out accuracy, against step."""
+def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
+    """``curves.png``: training loss and ``score`` (accuracy, IoU), and held-out ``score``, against step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,11 +119,11 @@ def plot_curves(run_dir: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train])
     ax_loss.set(xlabel="step", ylabel="training loss", yscale="log")
-    ax_acc.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="training episodes")
+    ax_acc.plot([r["step"] for r in train], [r[score] for r in train], label="training episodes")
     if held_out:
-        ax_acc.errorbar([r["step"] for r in held_out], [r["accuracy"] for r in held_out],
-                        yerr=[r["ci95"] for r in held_out], marker="o", label="held-out alphabets")
-    ax_acc.set(xlabel="step", ylabel="accuracy")
+        ax_acc.errorbar([r["step"] for r in held_out], [r[score] for r in held_out],
+                        yerr=[r["ci95"] for r in held_out], marker="o", label="held-out classes")
+    ax_acc.set(xlabel="step", ylabel=score)
     ax_acc.legend()
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
@@ -186,7 +167,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     eval_sampler = experiment.eval_sampler()
     base_key = jax.random.PRNGKey(config["train"]["seed"])
     sampler = experiment.train_sampler
-    window = {"loss": [], "accuracy": [], "sample_s": 0.0, "step_s": 0.0}
+    window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
     end = steps if stop_after is None else min(steps, start + stop_after)
 
     def log(record):
@@ -208,21 +189,21 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 raise TrainingDiverged(step, loss, manager.latest_step() if step > 1 else None)
             params, opt_state = params_new, opt_state_new
             window["loss"].append(loss)
-            window["accuracy"].append(float(metrics["accuracy"]))
+            window["metrics"].append({k: float(v) for k, v in metrics.items()})
             if step % log_every == 0 or step == steps:
                 n = len(window["loss"])
                 log({"step": step, "split": "train", "loss": float(np.mean(window["loss"])),
-                     "accuracy": float(np.mean(window["accuracy"])),
+                     **{k: float(np.mean([m[k] for m in window["metrics"]])) for k in window["metrics"][0]},
                      "episodes_per_s": n * sampler.tasks / window["step_s"],
                      "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9)})
-                window = {"loss": [], "accuracy": [], "sample_s": 0.0, "step_s": 0.0}
+                window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
             if step % config["eval"]["every"] == 0 or step == steps:
-                result = evaluate(experiment.learner, params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
+                result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
                 log({"step": step, "split": "test", **result})
             if step % config["train"]["checkpoint_every"] == 0 or step == steps:
                 manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
     finally:
         manager.wait_until_finished()
         manager.close()
-    plot_curves(run_dir)
+    plot_curves(run_dir, experiment.task.score)
     return run_dir

@@ -135,3 +135,9 @@ def test_blank_character_is_named():
 
 def test_throughput_is_reported(held_out):
     assert ClutteredOmniglot(held_out, tasks=4, distractors=(32,)).throughput(batches=2) > 0
+
+
+def test_balanced_sampler_gives_every_level_in_turn(held_out):
+    sampler = ClutteredOmniglot(held_out, distractors=(4, 8, 16), tasks=2, balanced=True)
+    levels = np.concatenate([sampler.sample(i).distractors for i in range(3)])
+    np.testing.assert_array_equal(levels, [4, 8, 16, 4, 8, 16])

@@ -210,15 +210,18 @@ class ClutteredOmniglot(_SceneMaker):
     exemplar's strokes) and a scene (the query, Q=1) whose target is the exemplar's character.
 
     distractors: the clutter levels to draw from, one per task (uniformly).
+    balanced: give the levels in turn instead (task n of the stream, counting across batches, has
+        level n mod len(distractors)), so an evaluation has exactly as many scenes of each.
     """
 
     def __init__(self, chars: CharacterSet, distractors=DISTRACTOR_LEVELS, tasks: int = 8, seed: int = 0,
-                 drawers=TRAIN_DRAWERS, scene_size: int = 96, exemplar_size: int = 32, char_size: int = 32):
+                 drawers=TRAIN_DRAWERS, scene_size: int = 96, exemplar_size: int = 32, char_size: int = 32,
+                 balanced: bool = False):
         if scene_size < exemplar_size:
             raise DataError(f"scene_size={scene_size} is smaller than exemplar_size={exemplar_size}: the scene must "
                             "be able to hold the exemplar's character")
         super().__init__(chars, distractors, tasks, seed, drawers, scene_size, char_size)
-        self.exemplar_size = exemplar_size
+        self.exemplar_size, self.balanced = exemplar_size, balanced
 
     def sample(self, index: int) -> SegEpisode:
         """Batch number ``index`` (deterministic in ``(seed, index)``)."""
@@ -226,7 +229,10 @@ class ClutteredOmniglot(_SceneMaker):
         t = self.tasks
         targets = rng.integers(self.glyphs.num_classes, size=t)
         drawers = rng.choice(self.drawers, t)
-        levels = rng.choice(self.distractors, t)
+        if self.balanced:
+            levels = np.array(self.distractors)[(index * t + np.arange(t)) % len(self.distractors)]
+        else:
+            levels = rng.choice(self.distractors, t)
         scenes, masks = self.scenes(rng, targets, drawers, levels)
         exemplars, top = render(self.glyphs, targets, drawers, random_affine(rng, t, scaled=False), rng.random((t, 3)),
                                 np.full((t, 2), 0.5), np.arange(t), t, self.exemplar_size)

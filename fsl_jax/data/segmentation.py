@@ -78,6 +78,12 @@ def check_episode(episode: SegEpisode, name: str = "episode") -> SegEpisode:
     return episode
 
 
+def collect(sampler, episodes: int) -> SegEpisode:
+    """The first ``episodes`` tasks of a sampler's batches 0, 1, ... as one :class:`SegEpisode`."""
+    batches = [sampler.sample(i) for i in range(-(-episodes // sampler.tasks))]
+    return SegEpisode(*(np.concatenate(field)[:episodes] for field in zip(*batches)))
+
+
 def save_episodes(episodes: SegEpisode, directory: str | Path) -> Path:
     """Write a fixed set (validation or test) as one ``.npy`` file per field; masks and images as uint8."""
     directory = Path(directory)

@@ -1,0 +1,49 @@
+"""Pieces shared by the segmenters: the pixel-wise loss, training metrics, masked average pooling."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fsl_jax import metrics
+from fsl_jax.learner import Metrics
+
+
+def bce(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """Mean pixel-wise binary cross-entropy of foreground logits against {0, 1} masks."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, masks))
+
+
+def soft_dice(logits: jax.Array, masks: jax.Array) -> jax.Array:
+    """Mean over images [..., H, W] of 1 - soft Dice coefficient (Milletari et al., 2016) of the
+    foreground probabilities: insensitive to how small the foreground is, unlike cross-entropy."""
+    prob = jax.nn.sigmoid(logits)
+    overlap = jnp.sum(prob * masks, (-2, -1))
+    return jnp.mean(1.0 - (2.0 * overlap + 1.0) / (jnp.sum(prob, (-2, -1)) + jnp.sum(masks, (-2, -1)) + 1.0))
+
+
+def segmentation_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
+    """Binary cross-entropy (plus ``dice_weight`` x soft Dice) of query logits [Q, H, W], with the mean
+    per-image IoU and the pixel accuracy of the thresholded prediction (logit > 0) as metrics."""
+    counts = metrics.confusion(logits > 0, masks > 0.5, axes=(-2, -1))
+    loss = bce(logits, masks) + (dice_weight * soft_dice(logits, masks) if dice_weight else 0.0)
+    return loss, {"iou": jnp.mean(metrics.iou(counts)), "accuracy": metrics.pixel_accuracy(counts.sum(0))}
+
+
+def resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of [..., h, w, C] to [..., height, width, C]."""
+    return jax.image.resize(x, (*x.shape[:-3], height, width, x.shape[-1]), "bilinear")
+
+
+def masked_average(features: jax.Array, weights: jax.Array) -> jax.Array:
+    """Masked average pooling: sum of features [..., h, w, D] weighted by [..., h, w] over all but the
+    last axis, divided by the total weight (kept away from zero, so an empty mask gives zeros, not NaN)."""
+    axes = tuple(range(features.ndim - 1))
+    return jnp.sum(features * weights[..., None], axes) / jnp.maximum(jnp.sum(weights), 1e-6)
+
+
+def cosine(features: jax.Array, prototype: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Cosine similarity of every feature vector [..., D] with a prototype [D]; finite (with finite
+    gradients) for zero vectors."""
+    norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps * eps)
+    return (features @ prototype) / (norm(features) * norm(prototype))
