@@ -35,9 +35,15 @@ class FullContextEmbedding(nn.Module):
         return g, h
 
 
-def matching(backbone, full_context: bool = False, fce_steps: int = 4, task_map: str = "vmap") -> Learner:
+def matching(backbone, full_context: bool = False, fce_steps: int = 4, scale: float = 1.0,
+             task_map: str = "vmap") -> Learner:
     """Queries attend over the support set by cosine similarity; class probabilities are the
-    attention mass on each class's supports."""
+    attention mass on each class's supports.
+
+    scale: multiplies the cosine similarities before the softmax. 1 is the paper; with
+    similarities in [-1, 1] the attention can then never be confident, which slows learning,
+    so larger values (a fixed temperature, as in later re-implementations) train faster.
+    """
     fce = FullContextEmbedding(fce_steps)
 
     def init(rng, task):
@@ -51,7 +57,7 @@ def matching(backbone, full_context: bool = False, fce_steps: int = 4, task_map:
         support, query = embed_task(backbone, params["backbone"], task)
         if full_context:
             support, query = fce.apply({"params": params["fce"]}, support, query)
-        attention = jax.nn.softmax(_normalise(query) @ _normalise(support).T, -1)
+        attention = jax.nn.softmax(scale * _normalise(query) @ _normalise(support).T, -1)
         return jnp.log(attention @ one_hot_support(task) + 1e-12)
 
     def loss(params, task, rng):
