@@ -150,7 +150,8 @@ class _Lowering:
         self.values: dict = {}  # Var -> its value, every scope (Vars are unique across jaxprs)
 
     # ----- values -----
-    def run(self, jaxpr: core.Jaxpr, consts, args, prefix: str = ""):
+    def run(self, jaxpr: core.Jaxpr, consts, args, prefix: str = "", site: str = ""):
+        """Emit ``jaxpr``; ``prefix`` and ``site`` (source line) locate the call that inlines it."""
         env: dict = {}
 
         def read(v, lazy=False):
@@ -166,9 +167,9 @@ class _Lowering:
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             self.counts[name] = self.counts.get(name, 0) + 1
-            where = self._where(eqn, prefix)
+            where = self._where(eqn, prefix, site)
             if name in _CALLS:
-                outs = self._call(eqn, [read(v) for v in eqn.invars], prefix)
+                outs = self._call(eqn, [read(v) for v in eqn.invars], prefix, site)
             elif name in _BINARY or name in _UNARY or name == "integer_pow":
                 outs = [self._elementwise(eqn, [read(v, lazy=True) for v in eqn.invars], where)]
             elif name == "broadcast_in_dim":
@@ -195,9 +196,15 @@ class _Lowering:
         return "/".join(p for p in (prefix, str(eqn.source_info.name_stack)) if p)
 
     @classmethod
-    def _where(cls, eqn, prefix: str) -> str:
+    def _where(cls, eqn, prefix: str, site: str = "") -> str:
+        """Module path and source line of an equation (inside a library's jit, the line that called it)."""
         path = cls._path(eqn, prefix) or "the top level"
-        return f"{path} ({source_info_util.summarize(eqn.source_info)})"
+        return f"{path} ({cls._site(eqn, site)})"
+
+    @staticmethod
+    def _site(eqn, site: str) -> str:
+        line = source_info_util.summarize(eqn.source_info)
+        return site if site and (not line or "site-packages" in line) else line or "unknown source line"
 
     @staticmethod
     def _fold(eqn, invals):
@@ -225,7 +232,7 @@ class _Lowering:
             unit[d] = x.shape[i]
         return _reshape(x, unit)  # broadcast lazily; read() materialises where needed
 
-    def _call(self, eqn, invals, prefix):
+    def _call(self, eqn, invals, prefix, site):
         params = eqn.params
         closed = next(params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in params)
         jaxpr, consts = (closed.jaxpr, closed.consts) if isinstance(closed, core.ClosedJaxpr) else (closed, ())
@@ -233,7 +240,7 @@ class _Lowering:
             resized = self._resize(jaxpr, consts, invals[0], eqn.outvars[0].aval.shape)
             if resized is not None:
                 return [resized]
-        return self.run(jaxpr, consts, invals, self._path(eqn, prefix))
+        return self.run(jaxpr, consts, invals, self._path(eqn, prefix), self._site(eqn, site))
 
     @staticmethod
     def _resize(jaxpr, consts, x, out_shape):

@@ -1,9 +1,10 @@
 """Name -> method and backbone factories, so configs and the CLI can name them."""
 from __future__ import annotations
 
+import functools
 import inspect
 
-from fsl_jax import metric
+from fsl_jax import meta, metric
 from fsl_jax import seg
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
@@ -17,6 +18,11 @@ METHODS = {
     "transfer": metric.transfer,
     "prototype_segmenter": seg.prototype_segmenter,
     "siamese_unet": seg.siamese_unet,
+    "maml": meta.maml,
+    "fomaml": functools.partial(meta.maml, first_order=True),
+    "anil": functools.partial(meta.maml, adapted="head"),
+    "metasgd": functools.partial(meta.maml, learn_inner_lr=True),
+    "reptile": meta.reptile,
 }
 
 

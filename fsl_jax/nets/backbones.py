@@ -5,7 +5,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from fsl_jax.nets.layers import BatchNorm, max_pool
+from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
 
 
 class Conv4(nn.Module):
@@ -22,7 +22,7 @@ class Conv4(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.blocks):
-            x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i}")(x)
+            x = Conv(self.width, (3, 3), name=f"conv{i}")(x)
             x = nn.relu(BatchNorm(name=f"norm{i}")(x))
             if i < self.pooled_blocks:
                 x = max_pool(x)
@@ -36,9 +36,9 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        shortcut = BatchNorm(name="shortcut_norm")(nn.Conv(self.width, (1, 1), use_bias=False, name="shortcut")(x))
+        shortcut = BatchNorm(name="shortcut_norm")(Conv(self.width, (1, 1), use_bias=False, name="shortcut")(x))
         for i in range(3):
-            x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False, name=f"conv{i}")(x)
+            x = Conv(self.width, (3, 3), use_bias=False, name=f"conv{i}")(x)
             x = BatchNorm(name=f"norm{i}")(x)
             if i < 2:
                 x = nn.leaky_relu(x, 0.1)

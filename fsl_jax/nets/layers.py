@@ -39,6 +39,56 @@ class BatchNorm(nn.Module):
         return x * inv + (bias - mean * inv)
 
 
+class Conv(nn.Module):
+    """Stride-1 ``SAME`` convolution, a drop-in for ``nn.Conv`` (same ``kernel`` [kh, kw, in, out]
+    and ``bias`` parameters, same initialisers, so the same values from the same key).
+
+    On CPU it runs as one matrix product over the kh*kw shifted copies of the input
+    (im2col): XLA's CPU convolutions, and above all their gradients, the gradients of those,
+    and their ``vmap`` over per-task kernels (which becomes a grouped convolution), are several
+    times slower than its matrix products. That is what makes second-order MAML fast on CPU;
+    the results agree with ``nn.Conv`` to float rounding. Other backends use
+    ``lax.conv_general_dilated`` as ``nn.Conv`` does.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"Conv needs odd kernel sizes for SAME padding, got {self.kernel_size}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features))
+        if jax.default_backend() == "cpu":
+            y = _im2col_conv(x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+def _im2col_conv(x, kernel):
+    """SAME stride-1 convolution of [..., H, W, C] as [..., H, W, kh*kw*C] @ [kh*kw*C, out]."""
+    kh, kw, c, out = kernel.shape
+    if (kh, kw) == (1, 1):
+        return x @ kernel[0, 0]
+    h, w = x.shape[-3:-1]
+    pad = [(0, 0)] * (x.ndim - 3) + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)]
+    padded = jnp.pad(x, pad)
+    columns = jnp.concatenate([padded[..., i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
+    return columns @ kernel.reshape(kh * kw * c, out)
+
+
 def max_pool(x, window: int = 2):
-    """Non-overlapping max pooling (floor of odd sizes, as PyTorch's MaxPool2d)."""
-    return nn.max_pool(x, (window, window), strides=(window, window))
+    """Non-overlapping max pooling of [..., H, W, C] (floor of odd sizes, as PyTorch's MaxPool2d).
+
+    Written as a reshape and a max rather than ``reduce_window``: the same values, but its
+    gradient (and the gradient of that, which second-order MAML needs) is elementwise, where
+    ``reduce_window``'s is a slow select-and-scatter.
+    """
+    h, w, c = x.shape[-3] // window, x.shape[-2] // window, x.shape[-1]
+    x = x[..., : h * window, : w * window, :]
+    return x.reshape(*x.shape[:-3], h, window, w, window, c).max(axis=(-4, -2))

@@ -16,13 +16,14 @@ from fsl_jax.learner import Learner
 from fsl_jax.seg.common import bce, cosine, masked_average, resize, segmentation_loss
 
 
-def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0,
+def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0, dice_weight: float = 1.0,
                         task_map: str = "vmap") -> Learner:
     """A few-shot segmenter on a fully convolutional ``backbone`` (e.g. Conv4 with ``pooled_blocks: 2``).
 
     scale: the cosine similarities' temperature (PANet uses 20); the foreground logit of a
         pixel is ``scale * (cos(f, fg) - cos(f, bg))``, the two-class softmax as one sigmoid.
     align_weight: weight of the prototype alignment loss (0 turns it off).
+    dice_weight: weight of a soft Dice term beside the cross-entropy (small objects; 0: PANet's loss).
     """
 
     def embed(params, task):
@@ -49,7 +50,7 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
     def loss(params, task, rng):
         support, query = embed(params, task)
         coarse = scores(query, *prototypes(support, task.support_mask))
-        loss, metrics = segmentation_loss(resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0], task.query_mask)
+        loss, metrics = segmentation_loss(resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0], task.query_mask, dice_weight)
         if align_weight:
             predicted = jax.lax.stop_gradient((coarse > 0).astype(jnp.float32))
             back = scores(support, masked_average(query, predicted), masked_average(query, 1.0 - predicted))
