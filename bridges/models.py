@@ -64,6 +64,11 @@ class Support:
     class_names: list[str]
     queries: np.ndarray  # real query images of the same classes (parity checks); may be empty
     source: str
+    statistics: np.ndarray | None = None  # images whose BatchNorm statistics are fixed; None: the support's
+
+    @property
+    def norm_images(self) -> np.ndarray:
+        return self.images if self.statistics is None else self.statistics
 
 
 def run_metadata(config: dict, run: Path, step: int) -> dict[str, str]:
@@ -96,7 +101,7 @@ def omniglot_input(name: str, image_size: int) -> Input:
 def embedding_model(config: dict, params, support: Support, metadata: dict) -> Exportable:
     """The embedding network alone: image -> feature vector (for on-device prototypes)."""
     bparams = _backbone_params(config, params)
-    embed, stats = _embedder(config, support.images, bparams)
+    embed, stats = _embedder(config, support.norm_images, bparams)
     image = omniglot_input("image", support.images.shape[1])
     return Exportable(
         "embedding", lambda p, x: (embed(p, x),), {"backbone": bparams, "norm_stats": stats}, [image], ["embedding"],
@@ -117,7 +122,7 @@ def classifier_model(config: dict, params, support: Support, metadata: dict) -> 
                           f"runs; this run's method is {method!r} {options}: export its embedding network instead "
                           f"(--model embedding)")
     bparams = _backbone_params(config, params)
-    embed, stats = _embedder(config, support.images, bparams)
+    embed, stats = _embedder(config, support.norm_images, bparams)
     baked = {"backbone": bparams, "norm_stats": stats}
     support_emb = embed(baked, jnp.asarray(support.images))
     onehot = jnp.eye(len(support.class_names), dtype=jnp.float32)[support.labels]
@@ -134,9 +139,10 @@ def classifier_model(config: dict, params, support: Support, metadata: dict) -> 
             return (jax.nn.softmax(logits(p, embed(p, x)), -1),)
     else:
         baked["support"], baked["onehot"] = normalise(support_emb), onehot
+        scale = float(options.get("scale", 1.0))
 
         def apply(p, x):
-            return (jax.nn.softmax(normalise(embed(p, x)) @ p["support"].T, -1) @ p["onehot"],)
+            return (jax.nn.softmax(scale * normalise(embed(p, x)) @ p["support"].T, -1) @ p["onehot"],)
 
     metadata = {**metadata, "class_labels": json.dumps(support.class_names)}
     return Exportable(

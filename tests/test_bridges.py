@@ -279,3 +279,32 @@ def test_support_with_wrong_image_size_names_the_file(run_dir, tmp_path):
 def test_parity_reports_every_format(classifier, exported):
     figures = parity(classifier, exported["fp32"], "coreml")
     assert set(figures) == {"lowered_tf_vs_jax", "coreml_vs_jax"} and all(v <= FP32 for v in figures.values())
+
+
+@pytest.mark.parametrize("method, options", [("protonet", {}), ("protonet", {"distance": "cosine"}),
+                                             ("matching", {"scale": 10.0})])
+def test_exported_classifier_is_the_learners_prediction(method, options):
+    """With the BatchNorm statistics of support and queries together (what the learner uses), the
+    exported classifier's probabilities are the softmax of the learner's own query scores."""
+    import dataclasses
+
+    from bridges.models import Support, classifier_model
+    from fsl_jax.data import EpisodeSampler
+    from fsl_jax.data.omniglot import CharacterSet
+    from fsl_jax.learner import first_task
+    from fsl_jax.methods import make_learner
+
+    rng = np.random.default_rng(3)
+    chars = CharacterSet(rng.random((6, 20, 28, 28)).astype(np.float32), ("x",) * 6, tuple(f"c{i}" for i in range(6)))
+    task = first_task(EpisodeSampler(chars, 3, 2, 2, seed=0).sample(0))
+    config = load_config(None, [f"method={method}", f"method_options={json.dumps(options)}",
+                                "backbone_options={width: 8}"])
+    learner = make_learner(config, num_train_classes=6)
+    params = learner.init(jax.random.PRNGKey(0), task)
+    support = Support(task.support_x, task.support_y, ["p", "q", "r"], task.query_x, "test",
+                      statistics=np.concatenate([task.support_x, task.query_x]))
+    model = classifier_model(config, params, support, {})
+    scores = learner.task_predict(params, task, jax.random.PRNGKey(0))
+    want = np.exp(scores) if method == "matching" else jax.nn.softmax(scores, -1)  # matching predicts log-probabilities
+    np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
+    assert dataclasses.replace(support, statistics=None).norm_images is support.images
