@@ -47,7 +47,7 @@ def to_coreml(model: Exportable, path: str | Path | None = None, precision: str 
 
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    concrete, counts = lower(model, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
+    concrete, counts = lower(model.one, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
     inputs = []
     for i in model.inputs:
         if image_input:

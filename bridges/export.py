@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
@@ -26,7 +27,7 @@ PARITY_EXAMPLES = 8  # Core ML inputs are single images: how many the parity che
 def load_run(run: str | Path, data_dir: str | None = None):
     """(config, experiment, params, step) of a trained run; clear errors for a missing run or checkpoint."""
     from fsl_jax.config import load_config
-    from fsl_jax.train import Experiment, restore_params
+    from fsl_jax.train import Experiment
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -36,18 +37,40 @@ def load_run(run: str | Path, data_dir: str | None = None):
         raise DataError(f"run {run} has no checkpoint in {checkpoints}: train it first (fsl-jax train)")
     config = load_config(run / "config.yaml", [f"data.dir={data_dir}"] if data_dir else [])
     experiment = Experiment(config)
-    params, step = restore_params(run, experiment)
-    return config, experiment, params, step
+    return config, experiment, *restore_params(run, experiment)
+
+
+def restore_params(run: Path, experiment):
+    """(parameters, step) of a run's latest checkpoint. The checkpoint's structure comes from
+    ``jax.eval_shape`` of the initialisation: nothing is computed (eager initialisation of a
+    U-Net compiles op by op, tens of seconds on a loaded CPU)."""
+    import orbax.checkpoint as ocp
+
+    def initial_state():
+        params = experiment.init_params()
+        return {"params": params, "opt_state": experiment.optimiser.init(params)}
+
+    abstract = jax.eval_shape(initial_state)
+    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:
+        step = manager.latest_step()
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))["params"], step
 
 
 def build_model(run: str | Path, support: str | Path | None = None, model: str = "auto",
                 data_dir: str | None = None) -> Exportable:
-    """The exportable a run gives: a classifier with the support set baked in (``model="auto"``) or its
-    embedding network; the support set is ``support`` (a directory) or the run's first held-out episode."""
+    """The exportable a run gives: for classification, a classifier with the support set baked in
+    (``model="auto"``) or its embedding network; for segmentation, the method's segmenter. The
+    support set is ``support`` (a directory) or the run's first held-out episode."""
     if model not in MODELS:
         raise ExportError(f"model must be one of {MODELS}, got {model!r}")
     config, experiment, params, step = load_run(run, data_dir)
     metadata = run_metadata(config, Path(run), step)
+    if config["data"]["name"] != "omniglot":
+        from bridges.segmenters import segmenter_model
+
+        if model != "auto":
+            raise ExportError(f"--model {model} applies to classifiers; {run} is a segmentation run")
+        return segmenter_model(config, experiment, params, metadata, support)
     image_size = config["data"]["image_size"]
     chosen: Support = load_class_folders(Path(support), image_size) if support else held_out_support(experiment)
     if model == "embedding":
@@ -82,7 +105,7 @@ def parity(model: Exportable, path: Path, fmt: str, image_input: bool = True) ->
         return {"savedmodel_vs_jax": max(diff(got[n], e) for n, e in zip(model.outputs, expected))}
     from bridges.mil import Program
 
-    graph, _ = lower(model, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
+    graph, _ = lower(model.one, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
     lowered = [np.concatenate(o) for o in zip(*[graph(*[tf.constant(x[j:j + 1]) for x in examples])
                                                for j in range(len(examples[0]))])]
     pixels, quantised = _quantise(model, examples) if image_input else (examples, examples)

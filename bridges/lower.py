@@ -244,22 +244,25 @@ class _Lowering:
 
     @staticmethod
     def _resize(jaxpr, consts, x, out_shape):
-        """``tf.image.resize`` for a ``jax.image.resize`` call, if a probe shows they agree, else None."""
-        shape = tuple(x.shape)
-        if len(shape) != 4 or shape[0] != out_shape[0] or shape[3] != out_shape[3] or \
-                out_shape[1] < shape[1] or out_shape[2] < shape[2] or _is_const(x):
+        """``tf.image.resize`` (leading axes merged into the batch) for a ``jax.image.resize`` call
+        that upsamples the two axes before the channels, if a probe input shows they agree; else None."""
+        shape, out_shape = tuple(int(d) for d in x.shape), tuple(int(d) for d in out_shape)
+        if (len(shape) < 4 or shape[:-3] != out_shape[:-3] or shape[-1] != out_shape[-1] or _is_const(x)
+                or out_shape[-3] < shape[-3] or out_shape[-2] < shape[-2]):
             return None
         probe = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         expected = np.asarray(core.eval_jaxpr(jaxpr, consts, probe)[0])
-        size = [int(out_shape[1]), int(out_shape[2])]
+        size = list(out_shape[-3:-1])
+        batch = [int(np.prod(shape[:-3]))]
         with tf.init_scope():  # evaluate the candidates eagerly, outside the traced graph
             for method in ("bilinear", "nearest"):
-                got = tf.image.resize(probe, size, method=method).numpy()
-                if np.allclose(got, expected, atol=1e-5):
+                got = tf.image.resize(probe.reshape(batch + list(shape[-3:])), size, method=method).numpy()
+                if np.allclose(got.reshape(out_shape), expected, atol=1e-5):
                     break
             else:
                 return None
-        return tf.image.resize(x, size, method=method)
+        resized = tf.image.resize(_reshape(x, batch + list(shape[-3:])), size, method=method)
+        return _reshape(resized, out_shape)
 
 
 # --- rules for structural ops: (lowering, eqn, input values, where, **params) -> output(s) ---
@@ -340,19 +343,24 @@ def _reduce(op):
 
 
 def _reduce_max(lowering, eqn, invals, where, axes, **__):
-    """reduce_max; the max over window axes of ``reshape(x, [N, h, k, w, k, C])`` (pooling written
-    without ``reduce_window``) as the MaxPool it computes: Core ML tensors have rank 5 at most."""
+    """reduce_max; the max over window axes of ``reshape(x, [..., h, k, w, k, C])`` (pooling written
+    without ``reduce_window``, see ``fsl_jax.nets.layers.max_pool``) as the MaxPool it computes,
+    any leading axes merged into the batch: Core ML tensors have rank 5 at most."""
     split = lowering.producers.get(eqn.invars[0])
-    shape = tuple(eqn.invars[0].aval.shape)
-    if split is not None and split.primitive.name == "reshape" and len(shape) == 6 and tuple(axes) == (2, 4):
+    shape = tuple(int(d) for d in eqn.invars[0].aval.shape)
+    rank = len(shape)
+    if (split is not None and split.primitive.name == "reshape" and rank >= 6
+            and tuple(a % rank for a in axes) == (rank - 4, rank - 2)):
         source = split.invars[0]
-        n, h, kh, w, kw, c = shape
-        if tuple(source.aval.shape) == (n, h * kh, w * kw, c) and not isinstance(source, core.Literal):
-            crop = lowering.producers.get(source)  # x[:, :h*kh, :w*kw]: VALID pooling drops the rest itself
+        *lead, h, kh, w, kw, c = shape
+        if tuple(source.aval.shape) == (*lead, h * kh, w * kw, c) and not isinstance(source, core.Literal):
+            crop = lowering.producers.get(source)  # x[..., :h*kh, :w*kw, :]: VALID pooling drops the rest itself
             if (crop is not None and crop.primitive.name == "slice" and not any(crop.params["start_indices"])
-                    and crop.params["strides"] in (None, (1, 1, 1, 1)) and len(crop.invars[0].aval.shape) == 4):
+                    and crop.params["strides"] in (None, (1,) * len(lead) + (1, 1, 1))):
                 source = crop.invars[0]
-            return tf.nn.max_pool2d(_broadcast(lowering.values[source], source.aval.shape), [kh, kw], [kh, kw], "VALID")
+            x = _broadcast(lowering.values[source], source.aval.shape)
+            x = _reshape(x, [int(np.prod(lead)), *x.shape[-3:]])
+            return _reshape(tf.nn.max_pool2d(x, [kh, kw], [kh, kw], "VALID"), [*lead, h, w, c])
     return tf.reduce_max(invals[0], axis=list(axes)) if axes else invals[0]
 
 
@@ -364,26 +372,27 @@ def _arg(op):
 
 def _im2col_source(lowering, eqn, dimension_numbers):
     """If ``eqn`` is the matrix product of an im2col convolution (``concatenate`` along channels
-    of the kh x kw shifted slices of one NHWC tensor, times a [kh*kw*C, out] kernel), return
-    (that tensor, kh, kw, "VALID"), or (the tensor before its SAME zero padding, kh, kw, "SAME");
-    else None."""
+    of the kh x kw shifted slices of one [..., H, W, C] tensor, times a [kh*kw*C, out] kernel),
+    return (that tensor, kh, kw, "VALID"), or (the tensor before its SAME zero padding, kh, kw,
+    "SAME"); else None. Any axes before H are batch axes (a ``vmap`` adds one)."""
     (lc, rc), (lb, rb) = dimension_numbers
     lhs, rhs = eqn.invars
+    rank = len(lhs.aval.shape)
     columns = lowering.producers.get(lhs)
-    if (lb or rb or tuple(rc) != (0,) or len(lhs.aval.shape) != 4 or tuple(lc) != (3,) or columns is None
-            or columns.primitive.name != "concatenate" or columns.params["dimension"] != 3):
+    if (lb or rb or tuple(rc) != (0,) or rank < 4 or tuple(lc) != (rank - 1,) or columns is None
+            or columns.primitive.name != "concatenate" or columns.params["dimension"] != rank - 1):
         return None
     slices = [lowering.producers.get(v) if not isinstance(v, core.Literal) else None for v in columns.invars]
-    if any(s is None or s.primitive.name != "slice" or s.params["strides"] not in (None, (1, 1, 1, 1)) for s in slices):
+    if any(s is None or s.primitive.name != "slice" or s.params["strides"] not in (None, (1,) * rank) for s in slices):
         return None
     source = slices[0].invars[0]
-    n, h, w, c = (int(d) for d in columns.invars[0].aval.shape)
+    *lead, h, w, c = (int(d) for d in columns.invars[0].aval.shape)
     offsets = [tuple(s.params["start_indices"]) for s in slices]
-    kh, kw = offsets[-1][1] + 1, offsets[-1][2] + 1
-    expected = [(0, i, j, 0) for i in range(kh) for j in range(kw)]
+    kh, kw = offsets[-1][-3] + 1, offsets[-1][-2] + 1
+    expected = [(*[0] * len(lead), i, j, 0) for i in range(kh) for j in range(kw)]
     if (offsets != expected or any(s.invars[0] is not source for s in slices)
-            or tuple(source.aval.shape) != (n, h + kh - 1, w + kw - 1, c) or tuple(rhs.aval.shape)[0] != kh * kw * c
-            or any(tuple(v.aval.shape) != (n, h, w, c) for v in columns.invars)):
+            or tuple(source.aval.shape) != (*lead, h + kh - 1, w + kw - 1, c) or tuple(rhs.aval.shape)[0] != kh * kw * c
+            or any(tuple(v.aval.shape) != (*lead, h, w, c) for v in columns.invars)):
         return None
     return _unpadded(lowering, source, kh, kw) or (_broadcast(lowering.values[source], source.aval.shape), kh, kw, "VALID")
 
@@ -402,7 +411,7 @@ def _unpadded(lowering, var, kh: int, kw: int):
     else:
         return None
     zero = isinstance(fill, core.Literal) and fill.val == 0
-    same = [(0, 0, 0), (kh // 2, kh // 2, 0), (kw // 2, kw // 2, 0), (0, 0, 0)]
+    same = [(0, 0, 0)] * (len(config) - 3) + [(kh // 2, kh // 2, 0), (kw // 2, kw // 2, 0), (0, 0, 0)]
     if not zero or [tuple(int(v) for v in c) for c in config] != same or isinstance(pad.invars[0], core.Literal):
         return None
     source = pad.invars[0]
@@ -416,8 +425,10 @@ def _dot_general(lowering, eqn, invals, where, dimension_numbers, **__):
     im2col = _im2col_source(lowering, eqn, dimension_numbers)
     if im2col is not None and len(rhs.shape) == 2:
         source, kh, kw, padding = im2col
-        kernel = _reshape(rhs, [kh, kw, int(source.shape[3]), int(rhs.shape[1])])
-        return tf.nn.conv2d(source, kernel, 1, padding)
+        *lead, height, width, channels = (int(d) for d in source.shape)
+        kernel = _reshape(rhs, [kh, kw, channels, int(rhs.shape[1])])
+        y = tf.nn.conv2d(_reshape(source, [int(np.prod(lead)), height, width, channels]), kernel, 1, padding)
+        return _reshape(y, eqn.outvars[0].aval.shape)
     (lc, rc), (lb, rb) = dimension_numbers
     lf = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
     rf = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]

@@ -49,10 +49,18 @@ class Exportable:
     metadata: dict[str, str]
     examples: tuple[np.ndarray, ...]  # real inputs with a leading batch axis, one per input
     class_labels: list[str] | None = None
+    # The same function for a batch of one, if simpler to lower than ``apply`` (Core ML's fixed batch)
+    apply_one: Callable[..., tuple] | None = None
 
     def __call__(self, *inputs):
-        """The JAX reference: what every exported form must compute."""
-        return self.apply(self.params, *inputs)
+        """The JAX reference (jitted): what every exported form must compute."""
+        return jax.jit(self.apply)(self.params, *inputs)
+
+    def one(self, *inputs):
+        """The model on a batch of one: what the Core ML graph is lowered from."""
+        if self.apply_one is None:
+            return self(*inputs)
+        return jax.jit(self.apply_one)(self.params, *inputs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""Segmenters as exportables: image(s) in, per-pixel foreground probability (``mask_probability``) out.
+
+- Prototype segmenter: the support set's foreground and background prototypes are baked in;
+  one input, the image to segment.
+- Siamese-U-Net: two inputs, the exemplar (the object on black, as in the clutter protocol,
+  or a support image already multiplied by its mask) and the scene.
+
+Images are RGB in [0, 1] (8-bit pixels / 255), as the segmentation data are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridges.models import Exportable, Input, check_image_size
+from fsl_jax.errors import DataError, ExportError
+from fsl_jax.methods import make_backbone
+from fsl_jax.seg.common import cosine, masked_average, resize
+
+SEGMENTERS = ("prototype_segmenter", "siamese_unet")
+
+
+@dataclasses.dataclass(frozen=True)
+class SegSupport:
+    """Support images [K, h, w, C] in [0, 1] with binary masks [K, h, w], and real query images
+    [Q, H, W, C] (their size is the exported input's; they serve as parity examples)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    queries: np.ndarray
+    source: str
+    # BatchNorm statistics are fixed from these images (None: the support images, or, when the
+    # queries have another size, the queries for the query path, as the learner normalises them apart)
+    support_statistics: np.ndarray | None = None
+    query_statistics: np.ndarray | None = None
+
+
+def rgb_input(name: str, shape) -> Input:
+    return Input(name, tuple(int(s) for s in shape), scale=1 / 255, bias=(0.0, 0.0, 0.0))
+
+
+def prototype_segmenter_model(config: dict, params, support: SegSupport, metadata: dict) -> Exportable:
+    """Query image -> mask probability, the support set's prototypes baked in (see
+    :func:`fsl_jax.seg.prototype_segmenter`: scaled cosine to the foreground minus to the
+    background prototype, bilinearly resized to the image, then the sigmoid)."""
+    backbone = make_backbone(config["backbone"], config["backbone_options"])
+    scale = float(config["method_options"].get("scale", 20.0))
+    same_size = support.images.shape[1:] == support.queries.shape[1:]
+    support_ref = support.support_statistics if support.support_statistics is not None else support.images
+    query_ref = support.query_statistics if support.query_statistics is not None else (
+        support.images if same_size else support.queries)
+    stats = lambda images: backbone.apply({"params": params}, jnp.asarray(images), mutable=["norm_stats"])[1]["norm_stats"]
+    support_features = backbone.apply({"params": params, "norm_stats": stats(support_ref)}, jnp.asarray(support.images))
+    weights = resize(jnp.asarray(support.masks)[..., None], *support_features.shape[1:3])[..., 0]
+    baked = {"backbone": params, "norm_stats": stats(query_ref),
+             "foreground": masked_average(support_features, weights),
+             "background": masked_average(support_features, 1.0 - weights)}
+    height, width = support.queries.shape[1:3]
+
+    def apply(p, x):
+        features = backbone.apply({"params": p["backbone"], "norm_stats": p["norm_stats"]}, x)
+        logits = scale * (cosine(features, p["foreground"]) - cosine(features, p["background"]))
+        return (jax.nn.sigmoid(resize(logits[..., None], height, width)[..., 0]),)
+
+    return Exportable(
+        "prototype-segmenter", apply, baked, [rgb_input("image", support.queries.shape[1:])], ["mask_probability"],
+        f"prototype segmenter ({config['backbone']}) with the prototypes of {support.source}: "
+        f"{width}x{height} RGB image -> per-pixel probability of the support's class", metadata, (support.queries,))
+
+
+def siamese_unet_model(config: dict, params, examples: tuple[np.ndarray, np.ndarray], metadata: dict) -> Exportable:
+    """(exemplar, scene) -> mask probability of the exemplar's object in the scene."""
+    from fsl_jax.seg.siamese_unet import SiameseUNet
+
+    options = config["method_options"]
+    net = SiameseUNet(tuple(options.get("widths", (16, 32, 64, 128))), options.get("upsample", "bilinear"))
+
+    def one(p, exemplar, scene):
+        mask = jnp.ones(exemplar.shape[:2], exemplar.dtype)  # the exemplar comes masked already
+        return net.apply({"params": p}, exemplar[None], mask[None], scene[None])[0]
+
+    def apply(p, exemplars, scenes):
+        return (jax.nn.sigmoid(jax.vmap(one, in_axes=(None, 0, 0))(p, exemplars, scenes)),)
+
+    def apply_one(p, exemplar, scene):  # no vmap: a plainer graph for Core ML's batch of one
+        mask = jnp.ones(exemplar.shape[:3], exemplar.dtype)
+        return (jax.nn.sigmoid(net.apply({"params": p}, exemplar, mask, scene)),)
+
+    exemplars, scenes = examples
+    return Exportable(
+        "siamese-unet", apply, params, [rgb_input("exemplar", exemplars.shape[1:]), rgb_input("scene", scenes.shape[1:])],
+        ["mask_probability"],
+        f"Siamese-U-Net: exemplar ({exemplars.shape[2]}x{exemplars.shape[1]}, the object on black) and scene "
+        f"({scenes.shape[2]}x{scenes.shape[1]}) RGB images -> per-pixel probability of the exemplar's object in the scene",
+        metadata, (exemplars, scenes), apply_one=apply_one)
+
+
+def held_out_seg_support(experiment, examples: int = 8) -> SegSupport:
+    """The support of the run's first held-out task; the queries of its first tasks as examples."""
+    batch = experiment.eval_sampler(examples).sample(0)
+    queries = batch.query_x.reshape(-1, *batch.query_x.shape[2:])[:examples]
+    return SegSupport(batch.support_x[0], batch.support_mask[0], queries,
+                      f"the first held-out {experiment.config['data']['name']} task")
+
+
+def load_support_folder(directory: Path, size: tuple[int, int], queries: np.ndarray) -> SegSupport:
+    """Support images ``directory/<n>.jpg`` with masks ``<n>.png`` (the FSS-1000 layout), each of
+    exactly ``size`` (height, width) pixels: resizing is left to the user, never done silently."""
+    from PIL import Image
+
+    from fsl_jax.data.fss import read_pair
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"support directory {directory} does not exist")
+    files = sorted(directory.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
+    if not files:
+        raise DataError(f"support directory {directory} has no <n>.jpg images (with <n>.png masks)")
+    images, masks = [], []
+    for path in files:
+        with Image.open(path) as im:
+            width, height = im.size
+        check_image_size(np.zeros((height, width, 3)), size, f"support image {path}")
+        image, mask = read_pair(path, size[0])
+        images.append(image.astype(np.float32) / 255.0)
+        masks.append(mask.astype(np.float32))
+    return SegSupport(np.stack(images), np.stack(masks), queries, f"support set {directory}")
+
+
+def segmenter_model(config: dict, experiment, params, metadata: dict, support: str | Path | None) -> Exportable:
+    """The exportable of a segmentation run's method."""
+    method = config["method"]
+    if method not in SEGMENTERS:
+        raise ExportError(f"cannot export segmentation method {method!r}; exportable: {list(SEGMENTERS)}")
+    held_out = held_out_seg_support(experiment)
+    if method == "siamese_unet":
+        if support:
+            raise ExportError("the Siamese-U-Net takes its exemplar as an input: --support does not apply")
+        batch = experiment.eval_sampler(len(held_out.queries)).sample(0)
+        exemplars = batch.support_x[:, 0] * batch.support_mask[:, 0, ..., None]
+        return siamese_unet_model(config, params, (exemplars, batch.query_x[:, 0]), metadata)
+    chosen = held_out if not support else load_support_folder(support, held_out.images.shape[1:3], held_out.queries)
+    return prototype_segmenter_model(config, params, chosen, metadata)
