@@ -4,6 +4,8 @@
   one input, the image to segment.
 - Siamese-U-Net: two inputs, the exemplar (the object on black, as in the clutter protocol,
   or a support image already multiplied by its mask) and the scene.
+- MAML segmenter: the U-Net with the parameters adapted to the support set (the inner loop
+  run at export time, as ``predict`` runs it); one input, the image to segment.
 
 Images are RGB in [0, 1] (8-bit pixels / 255), as the segmentation data are.
 """
@@ -21,7 +23,7 @@ from fsl_jax.errors import DataError, ExportError
 from fsl_jax.methods import make_backbone
 from fsl_jax.seg.common import cosine, masked_average, resize
 
-SEGMENTERS = ("prototype_segmenter", "siamese_unet")
+SEGMENTERS = ("prototype_segmenter", "siamese_unet", "maml_segmenter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,37 @@ def siamese_unet_model(config: dict, params, examples: tuple[np.ndarray, np.ndar
         metadata, (exemplars, scenes), apply_one=apply_one)
 
 
+def maml_segmenter_model(config: dict, params, support: SegSupport, metadata: dict) -> Exportable:
+    """Image -> mask probability of the U-Net adapted on the support set: ``test_inner_steps`` (else
+    ``inner_steps``) of SGD on the support images and masks, as :func:`fsl_jax.seg.maml_segmenter`'s
+    ``predict`` does; the exported network uses standard convolutions (the same parameters)."""
+    import inspect
+
+    from fsl_jax.meta import adapt
+    from fsl_jax.nets.decoders import UNet
+    from fsl_jax.seg.common import bce
+    from fsl_jax.seg.maml import maml_segmenter
+
+    defaults = {k: v.default for k, v in inspect.signature(maml_segmenter).parameters.items()}
+    options = {**defaults, **config["method_options"]}
+    steps = options["inner_steps"] if options["test_inner_steps"] is None else options["test_inner_steps"]
+    lr = params["inner_lr"] if options["learn_inner_lr"] else options["inner_lr"]
+    trained = UNet(tuple(options["widths"]), options["upsample"], im2col=options["im2col"])
+    unet = UNet(tuple(options["widths"]), options["upsample"])
+    adapted, _ = jax.jit(lambda p, x, y: adapt(lambda q, z: trained.apply({"params": q}, z)[..., 0], bce, p, (x, y),
+                                               steps, lr, first_order=True))(
+        params["unet"], jnp.asarray(support.images), jnp.asarray(support.masks))
+
+    def apply(p, x):
+        return (jax.nn.sigmoid(unet.apply({"params": p}, x)[..., 0]),)
+
+    height, width = support.queries.shape[1:3]
+    return Exportable(
+        "maml-segmenter", apply, adapted, [rgb_input("image", support.queries.shape[1:])], ["mask_probability"],
+        f"MAML U-Net segmenter adapted ({steps} SGD steps) on {support.source}: {width}x{height} RGB image -> "
+        "per-pixel probability of the support's class", metadata, (support.queries,))
+
+
 def held_out_seg_support(experiment, examples: int = 8) -> SegSupport:
     """The support of the run's first held-out task; the queries of its first tasks as examples."""
     batch = experiment.eval_sampler(examples).sample(0)
@@ -144,4 +177,6 @@ def segmenter_model(config: dict, experiment, params, metadata: dict, support: s
         exemplars = batch.support_x[:, 0] * batch.support_mask[:, 0, ..., None]
         return siamese_unet_model(config, params, (exemplars, batch.query_x[:, 0]), metadata)
     chosen = held_out if not support else load_support_folder(support, held_out.images.shape[1:3], held_out.queries)
+    if method == "maml_segmenter":
+        return maml_segmenter_model(config, params, chosen, metadata)
     return prototype_segmenter_model(config, params, chosen, metadata)
