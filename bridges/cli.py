@@ -19,12 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="auto",
                         help="auto: the complete model of the run's method; embedding: the embedding network only")
     parser.add_argument("--target", help="Core ML minimum deployment target (default iOS16), e.g. iOS17, macOS13")
-    parser.add_argument("--array-input", action="store_true",
-                        help="Core ML inputs as float arrays normalised as in training, instead of images")
+    parser.add_argument("--image-input", action="store_true",
+                        help="Core ML inputs as images (8-bit pixels; the normalisation becomes Core ML's scale and "
+                             "bias) instead of float arrays normalised as in training")
 
 
 def cmd_export(args) -> dict:
     from bridges.export import export_run
 
     return export_run(args.run, args.format, args.precision, args.support, args.out, args.force, args.model,
-                      args.target, not args.array_input, args.data_dir)
+                      args.target, args.image_input, args.data_dir)

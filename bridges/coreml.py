@@ -36,12 +36,12 @@ def _target(name: str):
 
 
 def to_coreml(model: Exportable, path: str | Path | None = None, precision: str = "fp32",
-              minimum_deployment_target: str = DEFAULT_TARGET, image_input: bool = True):
+              minimum_deployment_target: str = DEFAULT_TARGET, image_input: bool = False):
     """Convert ``model`` to an ML Program; saved as ``.mlpackage`` at ``path`` if given.
 
     Returns ``(mlmodel, primitive_counts)``, the counts being the JAX primitives lowered.
-    image_input: inputs are Core ML images (8-bit pixels, the normalisation done by Core ML's
-    scale and bias); otherwise float32 arrays already normalised as in training.
+    image_input: inputs are Core ML images (8-bit pixels, the model's normalisation folded into
+    Core ML's scale and bias); otherwise float32 arrays normalised as in training.
     """
     import coremltools as ct
 

@@ -89,7 +89,7 @@ def _quantise(model: Exportable, examples: list[np.ndarray]) -> tuple[list[np.nd
     return pixels, inputs
 
 
-def parity(model: Exportable, path: Path, fmt: str, image_input: bool = True) -> dict[str, float]:
+def parity(model: Exportable, path: Path, fmt: str, image_input: bool = False) -> dict[str, float]:
     """Largest absolute differences from JAX of what was written at ``path`` (and of the lowered graph)."""
     import tensorflow as tf
 
@@ -128,7 +128,7 @@ def directory_mb(path: Path) -> float:
 
 def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str | Path | None = None,
                out: str | Path | None = None, force: bool = False, model: str = "auto",
-               target: str | None = None, image_input: bool = True, data_dir: str | None = None) -> dict:
+               target: str | None = None, image_input: bool = False, data_dir: str | None = None) -> dict:
     """Export a run as a SavedModel or a Core ML ``.mlpackage``; returns the report (see module doc)."""
     start = time.perf_counter()
     if fmt not in FORMATS:

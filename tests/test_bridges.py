@@ -65,8 +65,8 @@ class UNetLike(nn.Module):
 @pytest.fixture(scope="session")
 def unet_like():
     module = UNetLike()
-    params = module.init(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 4)))
-    return lambda x: module.apply(params, x)
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 4)))
+    return jax.jit(lambda x: module.apply(params, x))
 
 
 def test_lowering_matches_jax_on_unet_like_layers(unet_like):
@@ -104,9 +104,9 @@ def test_backbone_lowers_to_convolutions_and_pooling():
 
     net = Conv4(width=8)
     x = np.random.default_rng(1).random((3, 28, 28, 1)).astype(np.float32)
-    variables = net.init(jax.random.PRNGKey(0), x)
-    _, stats = net.apply(variables, x, mutable=["norm_stats"])
-    fn = lambda images: net.apply({**variables, **stats}, images)
+    variables = jax.jit(net.init)(jax.random.PRNGKey(0), x)
+    _, stats = jax.jit(lambda v, images: net.apply(v, images, mutable=["norm_stats"]))(variables, x)
+    fn = jax.jit(lambda images: net.apply({**variables, **stats}, images))
     concrete, _ = lower(fn, [("image", (1, 28, 28, 1))], ["features"])
     np.testing.assert_allclose(run_lowered(concrete, x[:1])[0], fn(x[:1]), atol=LOWERED, rtol=0)
     ops = graph_ops(concrete)
@@ -135,7 +135,7 @@ def exported(classifier, tmp_path_factory):
     paths = {"savedmodel": to_savedmodel(classifier, root / "savedmodel")}
     for precision in ("fp32", "fp16"):
         paths[precision] = root / f"{precision}.mlpackage"
-        to_coreml(classifier, paths[precision], precision)
+        to_coreml(classifier, paths[precision], precision, image_input=True)
     return paths
 
 
@@ -212,20 +212,24 @@ def test_coreml_predict_matches_jax(classifier, exported):
 
 
 def test_embedding_model_exports(run_dir, tmp_path):
-    report = export_run(run_dir, "coreml", model="embedding", out=tmp_path / "e.mlpackage", image_input=False)
+    report = export_run(run_dir, "coreml", model="embedding", out=tmp_path / "e.mlpackage")
     assert report["model"] == "embedding" and report["outputs"] == ["embedding"]
     assert report["parity"]["coreml_vs_jax"] <= FP32 and report["parity"]["lowered_tf_vs_jax"] <= LOWERED
     assert audit(tmp_path / "e.mlpackage").inputs == {"image": ("array(FLOAT32)", (1, 28, 28, 1))}
+    saved = export_run(run_dir, "savedmodel", model="embedding", out=tmp_path / "e_savedmodel")
+    assert saved["parity"]["savedmodel_vs_jax"] <= LOWERED
 
 
 # --- the CLI and bad input ---
 
 def test_cli_export_prints_report_and_refuses_to_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "model.mlpackage"
-    args = ["export", "--run", str(run_dir), "--format", "coreml", "--precision", "fp16", "--out", str(out)]
+    args = ["export", "--run", str(run_dir), "--format", "coreml", "--precision", "fp16", "--image-input",
+            "--out", str(out)]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["output"] == str(out) and out.is_dir() and report["size_mb"] > 0
+    assert audit(out).inputs == {"image": ("image(GRAYSCALE)", (28, 28))}
     assert report["mil_ops"] > 5 and report["parity"]["coreml_vs_jax"] <= FP16
     assert report["parity"]["lowered_tf_vs_jax"] <= LOWERED and 0 < report["seconds"] < 60
     assert main(args) == 1
@@ -277,7 +281,7 @@ def test_support_with_wrong_image_size_names_the_file(run_dir, tmp_path):
 
 
 def test_parity_reports_every_format(classifier, exported):
-    figures = parity(classifier, exported["fp32"], "coreml")
+    figures = parity(classifier, exported["fp32"], "coreml", image_input=True)
     assert set(figures) == {"lowered_tf_vs_jax", "coreml_vs_jax"} and all(v <= FP32 for v in figures.values())
 
 
@@ -300,11 +304,11 @@ def test_exported_classifier_is_the_learners_prediction(method, options):
     config = load_config(None, [f"method={method}", f"method_options={json.dumps(options)}",
                                 "backbone_options={width: 8}"])
     learner = make_learner(config, num_train_classes=6)
-    params = learner.init(jax.random.PRNGKey(0), task)
+    params = jax.jit(learner.init)(jax.random.PRNGKey(0), task)
     support = Support(task.support_x, task.support_y, ["p", "q", "r"], task.query_x, "test",
                       statistics=np.concatenate([task.support_x, task.query_x]))
     model = classifier_model(config, params, support, {})
-    scores = learner.task_predict(params, task, jax.random.PRNGKey(0))
+    scores = jax.jit(learner.task_predict)(params, task, jax.random.PRNGKey(0))
     want = np.exp(scores) if method == "matching" else jax.nn.softmax(scores, -1)  # matching predicts log-probabilities
     np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
     assert dataclasses.replace(support, statistics=None).norm_images is support.images

@@ -96,7 +96,7 @@ def check_exports(model, tmp_path, examples: int = 2):
     reference = np.asarray(model(*[np.float32(1 / 255) * p.astype(np.float32) for p in pixels])[0])
     for precision, tolerance in (("fp32", FP32), ("fp16", FP16)):
         path = tmp_path / f"{precision}.mlpackage"
-        to_coreml(model, path, precision)
+        to_coreml(model, path, precision, image_input=True)
         found = audit(path)
         assert found.unknown == [] and "XlaCallModule" not in found.ops and found.ops.get("conv", 0) >= 2
         assert found.inputs == {i.name: ("image(RGB)", i.shape[:2]) for i in model.inputs}
@@ -119,7 +119,7 @@ def test_prototype_segmenter_is_the_learners_prediction(prototype_model, scenes)
     config, learner, params = prototype_model
     model = prototype_segmenter_model(config, params, support_of(scenes, statistics=True), {})
     task = first_task(scenes)
-    want = jax.nn.sigmoid(learner.task_predict(params, task, jax.random.PRNGKey(0)))
+    want = jax.nn.sigmoid(jax.jit(learner.task_predict)(params, task, jax.random.PRNGKey(0)))
     np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
 
 
@@ -133,14 +133,14 @@ def test_siamese_unet_is_the_learners_prediction(siamese_model, clutter):
     learner, params, model = siamese_model
     for t in range(2):
         task = jax.tree.map(lambda x: x[t], clutter)
-        want = jax.nn.sigmoid(learner.task_predict(params, task, jax.random.PRNGKey(0)))
+        want = jax.nn.sigmoid(jax.jit(learner.task_predict)(params, task, jax.random.PRNGKey(0)))
         np.testing.assert_allclose(model(task.support_x, task.query_x)[0], want, atol=1e-5, rtol=0)
 
 
 def test_maml_segmenter_exports_adapted_parameters(maml_model, scenes, tmp_path):
     learner, params, model = maml_model
     task = first_task(scenes)
-    want = jax.nn.sigmoid(learner.task_predict(params, task, jax.random.PRNGKey(0)))
+    want = jax.nn.sigmoid(jax.jit(learner.task_predict)(params, task, jax.random.PRNGKey(0)))
     np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), model.params, params["unet"])
     assert max(jax.tree.leaves(moved)) > 0  # the exported weights are the adapted ones
@@ -185,7 +185,7 @@ def test_cli_exports_a_segmentation_run_and_checks_its_support(tmp_path, capsys)
                                 "eval.curve_episodes=1", "episode.tasks=1", f"out={tmp_path / 'run'}"])
     run = train(config, progress=False)
     out = tmp_path / "seg.mlpackage"
-    assert main(["export", "--run", str(run), "--format", "coreml", "--out", str(out)]) == 0
+    assert main(["export", "--run", str(run), "--format", "coreml", "--image-input", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["model"] == "prototype-segmenter" and report["outputs"] == ["mask_probability"]
     assert report["inputs"] == {"image": [1, 32, 32, 3]} and report["parity"]["coreml_vs_jax"] <= FP32
