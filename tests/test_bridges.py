@@ -312,3 +312,21 @@ def test_exported_classifier_is_the_learners_prediction(method, options):
     want = np.exp(scores) if method == "matching" else jax.nn.softmax(scores, -1)  # matching predicts log-probabilities
     np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
     assert dataclasses.replace(support, statistics=None).norm_images is support.images
+
+
+def test_numpy_evaluator_covers_the_unet_like_layers(tmp_path):
+    """Transposed, dilated, grouped and depthwise convolutions, both resizes and both poolings
+    through Core ML and back through the numpy evaluator."""
+    from bridges.models import Exportable, Input
+
+    module = UNetLike()
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 16, 16, 4)))
+    model = Exportable("test", lambda p, x: module.apply(p, x), params, [Input("x", (16, 16, 4))],
+                       ["features", "scores"], "U-Net-like test model", {}, ())
+    x = np.random.default_rng(4).standard_normal((1, 16, 16, 4)).astype(np.float32)
+    to_coreml(model, tmp_path / "u.mlpackage")
+    found = audit(tmp_path / "u.mlpackage")
+    assert {"conv", "conv_transpose", "max_pool", "avg_pool"} <= set(found.ops) and found.unknown == []
+    got = Program(tmp_path / "u.mlpackage")(x=x)
+    for name, want in zip(model.outputs, model(x)):
+        assert np.abs(got[name] - np.asarray(want)).max() <= FP32, name
