@@ -330,3 +330,15 @@ def test_numpy_evaluator_covers_the_unet_like_layers(tmp_path):
     got = Program(tmp_path / "u.mlpackage")(x=x)
     for name, want in zip(model.outputs, model(x)):
         assert np.abs(got[name] - np.asarray(want)).max() <= FP32, name
+
+
+def test_unexportable_requests_are_refused(run_dir, tmp_path):
+    from bridges.models import classifier_model
+
+    config = load_config(None, ["method=relation"])
+    with pytest.raises(ExportError, match=r"method is 'relation'.*--model embedding"):
+        classifier_model(config, {}, None, {})
+    with pytest.raises(ExportError, match="unknown minimum deployment target 'iOS99'"):
+        export_run(run_dir, "coreml", target="iOS99", out=tmp_path / "t.mlpackage")
+    with pytest.raises(ExportError, match="SavedModel is exported in float32"):
+        export_run(run_dir, "savedmodel", precision="fp16", out=tmp_path / "t")
