@@ -1,10 +1,18 @@
 """``fsl-jax bench``: throughput measurements, each printed as one JSON line."""
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
+import numpy as np
+
+PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_torch_maml.py"
 
 
 def add_arguments(parser) -> None:
@@ -12,6 +20,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="train: the config whose training step is timed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
+    maml = parser.add_argument_group("maml: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class")
+    maml.add_argument("--method", choices=["maml", "reptile"], default="maml")
+    maml.add_argument("--first-order", action="store_true", help="FOMAML instead of second-order MAML")
+    maml.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
+    maml.add_argument("--inner-steps", type=int, default=5)
+    maml.add_argument("--task-map", choices=["vmap", "map"], help="default: the library's for this backend")
+    maml.add_argument("--peer", choices=["torch"], help="also time benchmarks/peer_torch_maml.py in this run")
 
 
 def bench_train(args) -> dict:
@@ -46,4 +61,94 @@ def bench_train(args) -> dict:
             "sampler_episodes_per_s": round(sampler.throughput(), 1)}
 
 
-BENCHMARKS = {"train": bench_train}
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a float32 size x size matrix product (median of ``repeats``): the practical limit."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jax.numpy.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    timed(matmul, a, a)
+    return 2 * size**3 / statistics.median(timed(matmul, a, a) for _ in range(repeats)) / 1e9
+
+
+def run_peer(args, inner_lr: float) -> dict:
+    """Run the torch.func peer on the same config in a subprocess; its JSON result."""
+    command = [sys.executable, str(PEER), "--method", args.method, "--tasks", str(args.tasks),
+               "--inner-steps", str(args.inner_steps), "--inner-lr", str(inner_lr), "--steps", str(args.steps)]
+    if args.first_order:
+        command.append("--first-order")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        from fsl_jax.errors import ConfigError
+        raise ConfigError(f"the torch peer failed (is the `bench` extra installed? pip install -e '.[bench]'):\n"
+                          f"{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_maml(args) -> dict:
+    """Seconds per MAML meta-step, GFLOP/s against the same process's GEMM GFLOP/s, and the peer."""
+    import optax
+
+    from fsl_jax.data.episodes import Episode
+    from fsl_jax.learner import first_task
+    from fsl_jax.meta import MetaClassifier, maml, reptile
+    from fsl_jax.meta.flops import forward_flops, meta_step_flops
+    from fsl_jax.nets import Conv4
+    from fsl_jax.train import make_train_step
+
+    if args.steps < 5:
+        from fsl_jax.errors import ConfigError
+        raise ConfigError(f"--steps must be at least 5, got {args.steps}")
+    ways, shots, queries, size, inner_lr = 5, 1, 15, 28, 0.4
+    tasks, inner_steps = args.tasks, args.inner_steps
+    backbone = Conv4()
+    if args.method == "reptile":
+        learner, kind = reptile(backbone, inner_steps, inner_lr=inner_lr, task_map=args.task_map), "reptile"
+    else:
+        kind = "first_order" if args.first_order else "second_order"
+        learner = maml(backbone, inner_steps, inner_lr=inner_lr, first_order=args.first_order, task_map=args.task_map)
+    rng = np.random.default_rng(0)
+    labels = lambda per: np.tile(np.repeat(np.arange(ways, dtype=np.int32), per), (tasks, 1))
+    batch = Episode(rng.random((tasks, ways * shots, size, size, 1), np.float32), labels(shots),
+                    rng.random((tasks, ways * queries, size, size, 1), np.float32), labels(queries),
+                    np.tile(np.arange(ways, dtype=np.int32), (tasks, 1)))
+    optimiser = optax.adam(1e-3)
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    opt_state = optimiser.init(params)
+    step = make_train_step(learner, optimiser)
+    key = jax.random.PRNGKey(0)
+    compile_s = timed(step, params, opt_state, batch, key)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        params, opt_state, loss, _ = step(params, opt_state, batch, key)
+        jax.block_until_ready((params, loss))
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    model = MetaClassifier(backbone, ways)
+    model_params = params["model"]
+    apply = lambda p, x: model.apply({"params": p}, x)
+    flops = meta_step_flops(forward_flops(apply, model_params, batch.support_x[0]),
+                            forward_flops(apply, model_params, batch.query_x[0]), inner_steps, tasks, kind)
+    gemm = gemm_gflops()
+    result = {"benchmark": "maml", "config": {
+        "method": args.method, "order": kind, "backbone": "conv4", "image": [size, size, 1], "ways": ways,
+        "shots": shots, "queries": queries, "inner_steps": inner_steps, "inner_lr": inner_lr, "tasks": tasks,
+        "task_map": learner.task_map}, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+        "tasks_per_s": round(tasks / step_s, 3), "flops_per_step": flops,
+        "gflops_per_s": round(flops / step_s / 1e9, 2), "gemm_gflops_per_s": round(gemm, 2),
+        "gemm_fraction": round(flops / step_s / 1e9 / gemm, 3)}
+    if args.peer:
+        peer = run_peer(args, inner_lr)
+        result["peer"] = {**peer, "gflops_per_s": round(flops / peer["step_s"] / 1e9, 2)}
+        result["speedup_vs_peer"] = round(peer["step_s"] / step_s, 2)
+    return result
+
+
+BENCHMARKS = {"train": bench_train, "maml": bench_maml}

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fsl_jax.config import read_yaml
 from fsl_jax.errors import ConfigError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
+from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
 from fsl_jax.methods import make_learner
 from fsl_jax.tasks import evaluate, load_task  # noqa: F401  (evaluate: classification, importable from here)
 
@@ -73,12 +74,17 @@ class Experiment:
         return self.learner.init(key, first_task(self.train_sampler.sample(0)))
 
 
-def make_train_step(learner: Learner, optimiser: optax.GradientTransformation):
-    """``step(params, opt_state, batch, rng) -> (params, opt_state, loss, metrics)``, jitted."""
+def make_train_step(learner: Learner, optimiser: optax.GradientTransformation, mesh=None):
+    """``step(params, opt_state, batch, rng) -> (params, opt_state, loss, metrics)``, jitted.
+
+    mesh: a task mesh (:func:`fsl_jax.meta.task_mesh`): each batch's tasks are split over its
+    devices (place batches with :func:`fsl_jax.meta.shard_tasks`), parameters replicated.
+    """
+    loss_fn = learner.loss if mesh is None else sharded_loss(learner.loss, mesh)
 
     @jax.jit
     def step(params, opt_state, batch, rng):
-        (loss, metrics), grads = jax.value_and_grad(learner.loss, has_aux=True)(params, batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
         updates, opt_state = optimiser.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, metrics
 
@@ -163,10 +169,14 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     kept = [r for r in read_metrics(run_dir) if r["step"] <= start]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    step_fn = make_train_step(experiment.learner, experiment.optimiser)
     eval_sampler = experiment.eval_sampler()
     base_key = jax.random.PRNGKey(config["train"]["seed"])
     sampler = experiment.train_sampler
+    # Several devices: each batch's tasks are split over them, when the task count allows.
+    mesh = task_mesh() if jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0 else None
+    step_fn = make_train_step(experiment.learner, experiment.optimiser, mesh)
+    if mesh is not None:
+        params, opt_state = replicate((params, opt_state), mesh)
     window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
     end = steps if stop_after is None else min(steps, start + stop_after)
 
@@ -177,7 +187,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     try:
         for step in tqdm(range(start + 1, end + 1), initial=start, total=steps, desc=config["name"], disable=not progress):
             t0 = time.perf_counter()
-            batch = sampler.sample(step)
+            batch = sampler.sample(step) if mesh is None else shard_tasks(sampler.sample(step), mesh)
             t1 = time.perf_counter()
             params_new, opt_state_new, loss, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(base_key, step))
             loss = float(loss)

@@ -71,6 +71,9 @@ def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
     """
 
     def local(params, batch, rng):
+        # Mark the replicated parameters device-varying: otherwise a gradient taken *inside*
+        # the loss (MAML's inner loop) would be summed over devices, i.e. over other tasks.
+        params = jax.lax.pcast(params, AXIS, to="varying")
         rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
         return jax.lax.pmean(loss(params, batch, rng), AXIS)
 

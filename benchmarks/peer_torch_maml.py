@@ -1,0 +1,121 @@
+"""The peer for `fsl-jax bench maml --peer torch`: the same MAML meta-step in plain PyTorch.
+
+Straightforward ``torch.func`` code, the way the library's docs suggest writing it:
+``functional_call``-style pure functions of a parameter dict, ``torch.func.grad`` for the
+inner SGD steps (differentiated again for the second-order meta-gradient) and
+``torch.func.vmap`` over the tasks of the meta-batch, then Adam. Same model (Conv4:
+conv3x3 64 -> BatchNorm with batch statistics -> ReLU -> maxpool2, four times; a linear
+head), same episode shapes, same inner loop. Prints one JSON line.
+
+    pip install "fsl_jax[bench]"   # torch
+    python benchmarks/peer_torch_maml.py --tasks 4 --inner-steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+
+def init_params(ways: int, width: int = 64, blocks: int = 4, channels: int = 1, image: int = 28) -> dict:
+    params, size = {}, image
+    for i in range(blocks):
+        conv = torch.nn.Conv2d(channels if i == 0 else width, width, 3, padding=1)
+        params[f"conv{i}.weight"], params[f"conv{i}.bias"] = conv.weight.detach(), conv.bias.detach()
+        params[f"norm{i}.weight"], params[f"norm{i}.bias"] = torch.ones(width), torch.zeros(width)
+        size //= 2
+    head = torch.nn.Linear(width * size * size, ways)
+    params["head.weight"], params["head.bias"] = head.weight.detach(), head.bias.detach()
+    return {k: v.clone().requires_grad_(True) for k, v in params.items()}
+
+
+def forward(params: dict, x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    for i in range(blocks):
+        x = F.conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], padding=1)
+        x = F.batch_norm(x, None, None, params[f"norm{i}.weight"], params[f"norm{i}.bias"], training=True)
+        x = F.max_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
+
+
+def support_loss(params, x, y):
+    return F.cross_entropy(forward(params, x), y)
+
+
+def adapt(params, x, y, steps: int, lr: float, first_order: bool):
+    for _ in range(steps):
+        grads = grad(support_loss)(params, x, y)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        params = {k: p - lr * grads[k] for k, p in params.items()}
+    return params
+
+
+def make_step(method: str, steps: int, lr: float, first_order: bool, params: dict):
+    optimiser = torch.optim.Adam(list(params.values()), lr=1e-3)
+
+    def maml_loss(params, sx, sy, qx, qy):
+        return F.cross_entropy(forward(adapt(params, sx, sy, steps, lr, first_order), qx), qy)
+
+    def reptile_direction(params, sx, sy, qx, qy):
+        adapted = adapt(params, sx, sy, steps, lr, True)
+        return {k: params[k] - adapted[k] for k in params}
+
+    def step(sx, sy, qx, qy):
+        if method == "reptile":
+            directions = vmap(reptile_direction, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
+            grads = {k: d.mean(0).detach() for k, d in directions.items()}
+        else:
+            meta_loss = lambda p: vmap(maml_loss, in_dims=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy).mean()
+            grads = grad(meta_loss)(params)
+        for k, p in params.items():
+            p.grad = grads[k]
+        optimiser.step()
+
+    return step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["maml", "reptile"], default="maml")
+    parser.add_argument("--first-order", action="store_true")
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--inner-steps", type=int, default=5)
+    parser.add_argument("--inner-lr", type=float, default=0.4)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--steps", type=int, default=5, help="timed meta-steps after a warm-up step")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    t, n, size = args.tasks, args.ways, args.image_size
+    sx = torch.rand(t, n * args.shots, 1, size, size)
+    qx = torch.rand(t, n * args.queries, 1, size, size)
+    sy = torch.arange(n).repeat_interleave(args.shots).repeat(t, 1)
+    qy = torch.arange(n).repeat_interleave(args.queries).repeat(t, 1)
+    params = init_params(n, image=size)
+    step = make_step(args.method, args.inner_steps, args.inner_lr, args.first_order, params)
+    start = time.perf_counter()
+    step(sx, sy, qx, qy)
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(sx, sy, qx, qy)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    result = {"peer": "torch.func", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "method": args.method, "first_order": args.first_order or args.method == "reptile",
+              "warmup_s": round(warmup_s, 3), "step_s": round(step_s, 4), "step_times_s": [round(x, 4) for x in times],
+              "tasks_per_s": round(t / step_s, 3)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

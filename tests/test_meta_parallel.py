@@ -1,0 +1,66 @@
+"""The task batch sharded over 8 (forced host) devices gives the single-device parameters."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from fsl_jax.data.episodes import Episode
+    from fsl_jax.errors import ConfigError
+    from fsl_jax.learner import first_task
+    from fsl_jax.meta import maml, replicate, shard_tasks, task_mesh
+    from fsl_jax.nets import Conv4
+    from fsl_jax.train import make_train_step
+
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    tasks, ways = 8, 3
+    labels = lambda per: np.tile(np.repeat(np.arange(ways, dtype=np.int32), per), (tasks, 1))
+    batches = [Episode(rng.random((tasks, ways, 8, 8, 1), np.float32), labels(1),
+                       rng.random((tasks, 2 * ways, 8, 8, 1), np.float32), labels(2),
+                       np.tile(np.arange(ways, dtype=np.int32), (tasks, 1))) for _ in range(2)]
+    mesh = task_mesh()
+    out = {}
+    for how in ("vmap", "map"):
+        learner = maml(Conv4(width=4, blocks=2), inner_steps=2, inner_lr=0.3, task_map=how)
+        optimiser = optax.sgd(0.5)  # linear in the gradient (Adam would blow up float noise in
+        # the gradients of the conv biases, which BatchNorm cancels, into full-size steps)
+        init = learner.init(jax.random.PRNGKey(0), first_task(batches[0]))
+        single, sharded = make_train_step(learner, optimiser), make_train_step(learner, optimiser, mesh)
+        params, state = init, optimiser.init(init)
+        shared, shared_state = replicate((init, optimiser.init(init)), mesh)
+        for i, batch in enumerate(batches):
+            params, state, loss, _ = single(params, state, batch, jax.random.PRNGKey(i))
+            placed = shard_tasks(batch, mesh)
+            assert len(placed.support_x.sharding.device_set) == 8
+            shared, shared_state, shared_loss, _ = sharded(shared, shared_state, placed, jax.random.PRNGKey(i))
+        flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+        out[how] = {"max_abs_diff": float(np.abs(flat(params) - flat(shared)).max()),
+                    "moved": float(np.abs(flat(params) - flat(init)).max()),
+                    "loss_diff": abs(float(loss) - float(shared_loss))}
+    try:
+        shard_tasks(jax.tree.map(lambda x: x[:6], batches[0]), mesh)
+    except ConfigError as err:
+        out["error"] = str(err)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_sharded_meta_step_equals_single_device_step():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for how in ("vmap", "map"):
+        assert result[how]["moved"] > 1e-3  # two SGD steps did change the parameters
+        assert result[how]["max_abs_diff"] < 1e-5, result
+        assert result[how]["loss_diff"] < 1e-5, result
+    assert "multiple of the number of devices (8)" in result["error"]
