@@ -18,6 +18,7 @@ METHODS = {
     "transfer": metric.transfer,
     "prototype_segmenter": seg.prototype_segmenter,
     "siamese_unet": seg.siamese_unet,
+    "maml_segmenter": seg.maml_segmenter,
     "maml": meta.maml,
     "fomaml": functools.partial(meta.maml, first_order=True),
     "anil": functools.partial(meta.maml, adapted="head"),

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
+from fsl_jax.nets.decoders import UNet
 from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
 
 
@@ -57,4 +58,6 @@ class ResNet12(nn.Module):
         return x
 
 
-BACKBONES = {"conv4": Conv4, "resnet12": ResNet12}
+# "unet" (fsl_jax.nets.decoders.UNet with ``outputs`` feature channels) keeps the input's resolution:
+# a backbone for per-pixel features (the prototype segmenter), not for classifiers.
+BACKBONES = {"conv4": Conv4, "resnet12": ResNet12, "unet": UNet}

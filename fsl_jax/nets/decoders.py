@@ -16,9 +16,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.nets.layers import max_pool
+from fsl_jax.nets.layers import Conv, max_pool
 
 UPSAMPLING = ("bilinear", "transpose")
+
+
+def conv(features: int, kernel: int, im2col: bool, name: str) -> nn.Module:
+    """A stride-1 SAME convolution: XLA's, or :class:`fsl_jax.nets.layers.Conv` (one matrix product on
+    CPU), which is faster when every task has its own kernels, as in MAML's inner loop."""
+    if im2col:
+        return Conv(features, (kernel, kernel), name=name)
+    return nn.Conv(features, (kernel, kernel), padding="SAME", name=name)
 
 
 def image_norm(name: str | None = None) -> nn.LayerNorm:
@@ -31,11 +39,12 @@ class ConvBlock(nn.Module):
 
     width: int
     convs: int = 2
+    im2col: bool = False
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.convs):
-            x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i}")(x)
+            x = conv(self.width, 3, self.im2col, f"conv{i}")(x)
             x = nn.relu(image_norm(f"norm{i}")(x))
         return x
 
@@ -49,6 +58,7 @@ class UNetEncoder(nn.Module):
 
     widths: Sequence[int] = (16, 32, 64, 128)
     convs: int = 2
+    im2col: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -57,7 +67,7 @@ class UNetEncoder(nn.Module):
             if i:
                 skips.append(x)
                 x = max_pool(x)
-            x = ConvBlock(width, self.convs, name=f"block{i}")(x)
+            x = ConvBlock(width, self.convs, self.im2col, name=f"block{i}")(x)
         return x, skips
 
 
@@ -72,6 +82,7 @@ class UNetDecoder(nn.Module):
     upsample: str = "bilinear"
     outputs: int = 1
     convs: int = 2
+    im2col: bool = False
 
     @nn.compact
     def __call__(self, x, skips):
@@ -85,8 +96,8 @@ class UNetDecoder(nn.Module):
                 x = nn.ConvTranspose(x.shape[-1], (2, 2), strides=(2, 2), name=f"up{i}")(x)
                 pad = [(0, 0)] * (x.ndim - 3) + [(0, height - x.shape[-3]), (0, width - x.shape[-2]), (0, 0)]
                 x = jnp.pad(x, pad)
-            x = ConvBlock(skip.shape[-1], self.convs, name=f"block{i}")(jnp.concatenate([x, skip], -1))
-        return nn.Conv(self.outputs, (1, 1), name="head")(x)
+            x = ConvBlock(skip.shape[-1], self.convs, self.im2col, name=f"block{i}")(jnp.concatenate([x, skip], -1))
+        return conv(self.outputs, 1, self.im2col, "head")(x)
 
 
 class UNet(nn.Module):
@@ -96,8 +107,9 @@ class UNet(nn.Module):
     upsample: str = "bilinear"
     outputs: int = 1
     convs: int = 2
+    im2col: bool = False
 
     @nn.compact
     def __call__(self, x):
-        x, skips = UNetEncoder(self.widths, self.convs, name="encoder")(x)
-        return UNetDecoder(self.upsample, self.outputs, self.convs, name="decoder")(x, skips)
+        x, skips = UNetEncoder(self.widths, self.convs, self.im2col, name="encoder")(x)
+        return UNetDecoder(self.upsample, self.outputs, self.convs, self.im2col, name="decoder")(x, skips)

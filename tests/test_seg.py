@@ -1,0 +1,112 @@
+"""Segmenters: U-Net parts, prototype segmenter, Siamese-U-Net, MAML segmenter (tiny shapes)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsl_jax.data.segmentation import SegEpisode
+from fsl_jax.learner import first_task
+from fsl_jax.nets import Conv4
+from fsl_jax.nets.decoders import UNet
+from fsl_jax.seg import maml_segmenter, prototype_segmenter, siamese_unet
+from fsl_jax.seg.common import cosine, masked_average, soft_dice
+
+
+def toy_batch(tasks=2, shots=1, queries=2, size=16, support_size=None, seed=0) -> SegEpisode:
+    """Bright squares (the class) and dim noise on black; masks are the squares."""
+    rng = np.random.default_rng(seed)
+
+    def images(n, s):
+        x = rng.random((tasks, n, s, s, 3)).astype(np.float32) * 0.2
+        m = np.zeros((tasks, n, s, s), np.float32)
+        for t in range(tasks):
+            for i in range(n):
+                r, c = rng.integers(0, s - s // 3, 2)
+                m[t, i, r: r + s // 3, c: c + s // 3] = 1
+        return np.where(m[..., None] > 0, 0.9, x).astype(np.float32), m
+
+    sx, sm = images(shots, support_size or size)
+    qx, qm = images(queries, size)
+    return SegEpisode(sx, sm, qx, qm, np.arange(tasks, dtype=np.int32), np.zeros(tasks, np.int32))
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "transpose"])
+def test_unet_keeps_odd_sizes(upsample):
+    x = jnp.asarray(np.random.default_rng(0).random((2, 13, 11, 3)), jnp.float32)
+    net = UNet((4, 8, 8), upsample, outputs=5)
+    params = net.init(jax.random.PRNGKey(0), x)["params"]
+    assert net.apply({"params": params}, x).shape == (2, 13, 11, 5)
+
+
+def test_unet_im2col_matches_xla_convolutions():
+    x = jnp.asarray(np.random.default_rng(0).random((2, 12, 12, 3)), jnp.float32)
+    params = UNet((4, 8)).init(jax.random.PRNGKey(0), x)["params"]
+    np.testing.assert_allclose(UNet((4, 8), im2col=True).apply({"params": params}, x),
+                               UNet((4, 8)).apply({"params": params}, x), atol=1e-4)
+
+
+def test_pooling_and_cosine_are_finite_for_empty_masks():
+    features = jnp.ones((2, 4, 4, 3))
+    np.testing.assert_array_equal(masked_average(features, jnp.zeros((2, 4, 4))), 0.0)
+    grad = jax.grad(lambda p: cosine(features, p).sum())(jnp.zeros(3))
+    assert np.isfinite(grad).all() and np.isfinite(cosine(features, jnp.zeros(3))).all()
+    logits = jnp.full((1, 4, 4), -10.0)
+    assert float(soft_dice(logits, jnp.zeros((1, 4, 4)))) < 0.01  # empty prediction of an empty mask: no loss
+
+
+def test_prototype_segmenter_shapes_alignment_and_gradients():
+    batch = toy_batch()
+    backbone = Conv4(width=8, blocks=2, pooled_blocks=1)
+    with_align, without = prototype_segmenter(backbone), prototype_segmenter(backbone, align_weight=0.0)
+    params = with_align.init(jax.random.PRNGKey(0), first_task(batch))
+    assert jax.eval_shape(with_align.predict, params, batch, jax.random.PRNGKey(0)).shape == (2, 2, 16, 16)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(with_align.loss, has_aux=True))(params, batch, jax.random.PRNGKey(0))
+    assert "align_loss" in metrics and float(loss) > float(jax.jit(without.loss)(params, batch, jax.random.PRNGKey(0))[0])
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert 0.0 <= float(metrics["iou"]) <= 1.0
+
+
+def test_prototype_segmenter_takes_supports_of_another_size():
+    batch = toy_batch(support_size=8)
+    learner = prototype_segmenter(Conv4(width=8, blocks=2, pooled_blocks=1))
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    loss, _ = jax.jit(learner.loss)(params, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
+
+
+def test_siamese_unet_shares_one_encoder_and_reads_the_exemplar():
+    batch = toy_batch(support_size=8, queries=1)
+    learner = siamese_unet(widths=(4, 8, 8))
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    assert set(params) == {"encoder", "match_norm", "decoder"}
+    predict = jax.jit(learner.predict)
+    logits = predict(params, batch, jax.random.PRNGKey(0))
+    assert logits.shape == (2, 1, 16, 16)
+    other = batch._replace(support_x=batch.support_x[:, :, ::-1])
+    assert not np.allclose(logits, predict(params, other, jax.random.PRNGKey(0)))
+
+
+def test_maml_segmenter_adapts_and_differentiates_through_the_inner_loop():
+    batch = toy_batch(tasks=2, size=8)
+    learner = maml_segmenter(widths=(4, 8), im2col=False, inner_steps=1, inner_lr=0.5, dice_weight=0.0)
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    unadapted = maml_segmenter(widths=(4, 8), im2col=False, inner_steps=1, test_inner_steps=0)
+    key = jax.random.PRNGKey(0)
+    assert not np.allclose(jax.jit(learner.predict)(params, batch, key), jax.jit(unadapted.predict)(params, batch, key))
+    grad = lambda l: jax.jit(jax.grad(lambda p: l.loss(p, batch, key)[0]))(params)
+    second = grad(learner)
+    first = grad(maml_segmenter(widths=(4, 8), im2col=False, inner_steps=1, inner_lr=0.5, dice_weight=0.0, first_order=True))
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(second))
+    difference = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+    assert difference > 1e-6  # second order is not first order
+
+
+def test_meta_sgd_rates_are_parameters():
+    batch = toy_batch(tasks=1, size=8)
+    learner = maml_segmenter(widths=(4, 8), im2col=False, inner_steps=1, learn_inner_lr=True)
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    grads = jax.jit(jax.grad(lambda p: learner.loss(p, batch, jax.random.PRNGKey(0))[0]))(params)
+    assert jax.tree.structure(params["inner_lr"]) == jax.tree.structure(params["unet"])
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["inner_lr"]))
