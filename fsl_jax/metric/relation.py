@@ -28,15 +28,16 @@ class RelationModule(nn.Module):
 
 
 def relation(backbone, width: int = 64, hidden: int = 8, task_map: str = "vmap") -> Learner:
-    """A learned comparison of each query's feature map with the summed support feature maps of
-    each class, trained by mean squared error to the one-hot target, as in the paper.
+    """A learned comparison of each query's feature map with the mean support feature map of
+    each class (the paper sums over shots; the mean is the same for one shot and lets a model
+    trained with K shots be evaluated with another K), trained by mean squared error to the one-hot target, as in the paper.
     Use an encoder that keeps a spatial map, e.g. ``conv4`` with ``pooled_blocks: 2``."""
     module = RelationModule(width, hidden)
 
     def pairs(params, task):
         support, query = embed_task(backbone, params["backbone"], task, flatten=False)
         onehot = one_hot_support(task)
-        classes = jnp.einsum("sn,shwc->nhwc", onehot, support)  # sum over shots
+        classes = jnp.einsum("sn,shwc->nhwc", onehot / onehot.sum(0), support)  # mean over shots
         ways, queries = classes.shape[0], query.shape[0]
         grid = jnp.concatenate([jnp.broadcast_to(classes[None], (queries, *classes.shape)),
                                 jnp.broadcast_to(query[:, None], (queries, ways, *query.shape[1:]))], -1)
