@@ -108,8 +108,11 @@ def test_anil_adapts_the_head_only_but_meta_learns_the_body():
         np.testing.assert_array_equal(before, after)
     assert float(jnp.abs(adapted["head"]["kernel"] - params["head"]["kernel"]).max()) > 1e-3
 
-    anil = METHODS["anil"](TINY, inner_steps=3, inner_lr=0.5)
+    anil = METHODS["anil"](TINY, inner_steps=3, test_inner_steps=3, inner_lr=0.5)
     meta_params = anil.init(jax.random.PRNGKey(0), task)
+    # ANIL's learner adapts the head on features computed once: the same as the masked loop.
+    np.testing.assert_allclose(jax.jit(anil.task_predict)(meta_params, task, None),
+                               model.apply({"params": adapted}, task.query_x), rtol=1e-5, atol=1e-5)
     grads = jax.jit(jax.grad(lambda p: anil.task_loss(p, task, None)[0]))(meta_params)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["model"]["backbone"]))
 
@@ -198,9 +201,12 @@ def test_conv_and_max_pool_match_flax_layers():
 
 @pytest.mark.slow
 def test_maml_learns_omniglot_5way_1shot(omniglot28):
-    """150 steps of second-order MAML, 5-way 1-shot, 4 tasks per step, on the training alphabets.
+    """150 steps of second-order MAML (Conv4 of width 32, 5-way 1-shot, 4 tasks per step, one
+    inner step) on the training alphabets, tested on 1250 queries of the held-out alphabets.
 
-    Chance is 20%; on the held-out alphabets it reaches about X% here; we require 50%.
+    Chance is 20%; the untrained initialisation, adapted with 3 steps, gets 38% (transductive
+    BatchNorm helps); after training, 75% (measured on the 2-core CPU, about 90 s). We require
+    60% and a gain of 20 points over the untrained model.
     """
     from fsl_jax.data.omniglot import split
 
@@ -208,12 +214,14 @@ def test_maml_learns_omniglot_5way_1shot(omniglot28):
     learner = maml(Conv4(width=32), inner_steps=1, test_inner_steps=3, inner_lr=0.4)
     sampler = EpisodeSampler(train_chars, 5, 1, 5, tasks=4, seed=0)
     params = learner.init(jax.random.PRNGKey(0), first_task(sampler.sample(0)))
+    test = EpisodeSampler(test_chars, 5, 1, 5, tasks=50, seed=1).sample(0)
+    predict = jax.jit(learner.predict)
+    accuracy = lambda p: float(jnp.mean(jnp.argmax(predict(p, test, jax.random.PRNGKey(0)), -1) == test.query_y))
+    untrained = accuracy(params)
     optimiser = optax.adam(3e-3)
     state = optimiser.init(params)
     step = make_train_step(learner, optimiser)
     for i in range(150):
         params, state, loss, _ = step(params, state, sampler.sample(i), jax.random.PRNGKey(i))
-    test = EpisodeSampler(test_chars, 5, 1, 5, tasks=50, seed=1).sample(0)
-    logits = jax.jit(learner.predict)(params, test, jax.random.PRNGKey(0))
-    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test.query_y))
-    assert accuracy > 0.5, accuracy
+    trained = accuracy(params)
+    assert trained > 0.6 and trained > untrained + 0.2, (untrained, trained)

@@ -39,10 +39,15 @@ class MetaClassifier(nn.Module):
     backbone: nn.Module
     ways: int
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
+        self.head = nn.Dense(self.ways)
+
+    def features(self, x):
         features = self.backbone(x)
-        return nn.Dense(self.ways, name="head")(features.reshape(features.shape[0], -1))
+        return features.reshape(features.shape[0], -1)
+
+    def __call__(self, x):
+        return self.head(self.features(x))
 
 
 def softmax_cross_entropy(logits, labels):
@@ -80,10 +85,19 @@ class _Classifier:
         return param_mask(model_params, lambda path, _: self.adapted == "all" or path.startswith("['head']"))
 
     def adapt(self, model_params, task, steps, lr, first_order):
+        """The adapted model parameters. ANIL runs the backbone once and adapts the head on its
+        features: the same result as masking, without recomputing frozen features every step."""
         model = self.model(task)
+        if self.adapted == "head":
+            features = model.apply({"params": model_params}, task.support_x, method=MetaClassifier.features)
+            head = nn.Dense(task.classes.shape[-1])
+            head_lr = lr["head"] if isinstance(lr, dict) else lr
+            adapted_head = adapt(lambda p, x: head.apply({"params": p}, x), softmax_cross_entropy,
+                                 model_params["head"], (features, task.support_y), steps, head_lr,
+                                 first_order=first_order, unroll=self.unroll)[0]
+            return {**model_params, "head": adapted_head}
         return adapt(lambda p, x: model.apply({"params": p}, x), softmax_cross_entropy, model_params,
-                     (task.support_x, task.support_y), steps, lr, self.mask(model_params), first_order,
-                     self.unroll)
+                     (task.support_x, task.support_y), steps, lr, first_order=first_order, unroll=self.unroll)[0]
 
     def query_logits(self, model_params, task):
         model = self.model(task)
@@ -118,7 +132,7 @@ def maml(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, inne
 
     def adapted_params(params, task, steps, first):
         lr = params["inner_lr"] if learn_inner_lr else inner_lr
-        return core.adapt(params["model"], task, steps, lr, first)[0]
+        return core.adapt(params["model"], task, steps, lr, first)
 
     def task_loss(params, task, rng):
         adapted_model = adapted_params(params, task, core.inner_steps, first_order)

@@ -30,14 +30,14 @@ def reptile(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, i
 
     def task_loss(params, task, rng):
         model = jax.lax.stop_gradient(params["model"])
-        adapted_model = core.adapt(model, task, core.inner_steps, inner_lr, True)[0]
+        adapted_model = core.adapt(model, task, core.inner_steps, inner_lr, True)
         loss, metrics = cross_entropy(core.query_logits(adapted_model, task), task.query_y)
         pull = sum(0.5 * jnp.sum(jnp.square(p - a)) for p, a in
                    zip(jax.tree.leaves(params["model"]), jax.tree.leaves(adapted_model)))
         return loss + pull - jax.lax.stop_gradient(pull), metrics
 
     def task_predict(params, task, rng):
-        return core.query_logits(core.adapt(params["model"], task, core.test_inner_steps, inner_lr, True)[0], task)
+        return core.query_logits(core.adapt(params["model"], task, core.test_inner_steps, inner_lr, True), task)
 
     return Learner(init=lambda rng, task: {"model": core.init_model(rng, task)}, task_loss=task_loss,
                    task_predict=task_predict, task_map=task_map or default_task_map())
