@@ -39,7 +39,7 @@ def to_coreml(model: Exportable, path: str | Path | None = None, precision: str 
               minimum_deployment_target: str = DEFAULT_TARGET, image_input: bool = False):
     """Convert ``model`` to an ML Program; saved as ``.mlpackage`` at ``path`` if given.
 
-    Returns ``(mlmodel, primitive_counts)``, the counts being the JAX primitives lowered.
+    Returns ``(mlmodel, graph)``: graph is the lowered ``tf.function`` that was converted.
     image_input: inputs are Core ML images (8-bit pixels, the model's normalisation folded into
     Core ML's scale and bias); otherwise float32 arrays normalised as in training.
     """
@@ -47,7 +47,7 @@ def to_coreml(model: Exportable, path: str | Path | None = None, precision: str 
 
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    concrete, counts = lower(model.one, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
+    concrete, _ = lower(model.one, [(i.name, (1, *i.shape)) for i in model.inputs], model.outputs)
     inputs = []
     for i in model.inputs:
         if image_input:
@@ -76,7 +76,7 @@ def to_coreml(model: Exportable, path: str | Path | None = None, precision: str 
     _describe(mlmodel, model, precision, image_input)
     if path is not None:
         mlmodel.save(str(path))
-    return mlmodel, counts
+    return mlmodel, concrete
 
 
 def _describe(mlmodel, model: Exportable, precision: str, image_input: bool) -> None:

@@ -206,7 +206,10 @@ def _conv(x, weight, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilatio
     outs = []
     for g in range(groups):
         win = _windows(np.ascontiguousarray(x[:, g * cin:(g + 1) * cin]), kernel, strides, dilations)
-        outs.append(np.einsum("nchwij,ocij->nohw", win, weight[g * cout:(g + 1) * cout], optimize=True))
+        n, _, oh, ow = win.shape[:4]
+        columns = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)  # im2col, then one BLAS product
+        w = weight[g * cout:(g + 1) * cout].reshape(cout, -1)
+        outs.append((columns @ w.T).reshape(n, oh, ow, cout).transpose(0, 3, 1, 2))
     y = np.concatenate(outs, 1)
     return y if bias is None else y + _f(bias)[None, :, None, None]
 
