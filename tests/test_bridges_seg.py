@@ -176,14 +176,22 @@ def test_support_folder_is_read_and_checked(prototype_model, scenes, tmp_path):
 def test_cli_exports_a_segmentation_run_and_checks_its_support(tmp_path, capsys):
     import json
 
-    from fsl_jax.cli import main
-    from fsl_jax.train import train
+    import orbax.checkpoint as ocp
+    import yaml
 
+    from fsl_jax.cli import main
+    from fsl_jax.train import Experiment
+
+    # A run directory as `fsl-jax train` writes it (config.yaml, an orbax checkpoint), without the training.
+    run = tmp_path / "run"
     config = load_config(None, ["data.name=omniglot_seg", "method=prototype_segmenter", "data.scene_size=32",
-                                "data.char_size=16", "backbone_options={width: 8, pooled_blocks: 2}",
-                                "train.steps=1", "train.log_every=1", "train.checkpoint_every=1", "eval.every=1",
-                                "eval.curve_episodes=1", "episode.tasks=1", f"out={tmp_path / 'run'}"])
-    run = train(config, progress=False)
+                                "data.char_size=16", "backbone_options={width: 8, pooled_blocks: 2}", f"out={run}"])
+    experiment = Experiment(config)
+    params = jax.jit(experiment.init_params)()
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:
+        manager.save(1, args=ocp.args.StandardSave({"params": params, "opt_state": experiment.optimiser.init(params)}))
     out = tmp_path / "seg.mlpackage"
     assert main(["export", "--run", str(run), "--format", "coreml", "--image-input", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
