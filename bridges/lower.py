@@ -12,7 +12,10 @@ Three things keep the graph small and close to what a person would write by hand
 * lazy broadcasting: ``broadcast_in_dim`` only inserts unit axes, and elementwise ops rely
   on TensorFlow's implicit broadcasting; other consumers materialise the full shape;
 * ``jax.image.resize`` (a ``jit`` named ``_resize``) becomes ``tf.image.resize`` when a
-  probe input shows that the two agree (upsampling with "linear" or "nearest").
+  probe input shows that the two agree (upsampling with "linear" or "nearest");
+* layers written for fast CPU gradients (``fsl_jax.nets.layers``) become the ops they
+  compute: an im2col convolution (shifted slices, concatenated, times a kernel) a Conv2D,
+  and a max over the window axes of a reshape a MaxPool (Core ML allows rank 5 at most).
 
 The lowered graph has fixed input shapes (Core ML models are built for a given batch).
 A primitive outside the table raises :class:`UnsupportedPrimitive`, which names the
@@ -143,8 +146,7 @@ def _pad_or_crop(x, pads):
 class _Lowering:
     """One walk over a jaxpr, emitting TensorFlow ops inside a ``tf.function`` trace."""
 
-    def __init__(self, resize_probe: bool = True):
-        self.resize_probe = resize_probe
+    def __init__(self):
         self.counts: dict[str, int] = {}
         self.producers: dict = {}  # Var -> the equation that computed it (for the patterns below)
         self.values: dict = {}  # Var -> its value, every scope (Vars are unique across jaxprs)
@@ -171,7 +173,7 @@ class _Lowering:
             if name in _CALLS:
                 outs = self._call(eqn, [read(v) for v in eqn.invars], prefix, site)
             elif name in _BINARY or name in _UNARY or name == "integer_pow":
-                outs = [self._elementwise(eqn, [read(v, lazy=True) for v in eqn.invars], where)]
+                outs = [self._elementwise(eqn, [read(v, lazy=True) for v in eqn.invars])]
             elif name == "broadcast_in_dim":
                 outs = [self._broadcast_in_dim(eqn, read(eqn.invars[0], lazy=True))]
             else:
@@ -213,7 +215,7 @@ class _Lowering:
         outs = outs if eqn.primitive.multiple_results else [outs]
         return [np.asarray(o) for o in outs]
 
-    def _elementwise(self, eqn, invals, where):
+    def _elementwise(self, eqn, invals):
         name = eqn.primitive.name
         if all(_is_const(x) for x in invals):
             common = np.broadcast_shapes(*[x.shape for x in invals])
@@ -236,7 +238,7 @@ class _Lowering:
         params = eqn.params
         closed = next(params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in params)
         jaxpr, consts = (closed.jaxpr, closed.consts) if isinstance(closed, core.ClosedJaxpr) else (closed, ())
-        if params.get("name") == "_resize" and self.resize_probe:
+        if params.get("name") == "_resize":
             resized = self._resize(jaxpr, consts, invals[0], eqn.outvars[0].aval.shape)
             if resized is not None:
                 return [resized]

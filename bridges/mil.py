@@ -379,4 +379,3 @@ _OPS = {
     "resize_bilinear": _resize("linear"), "upsample_bilinear": _resize("linear"),
     "resize_nearest_neighbor": _resize("nearest"), "upsample_nearest_neighbor": _resize("nearest"),
 }
-SUPPORTED_OPS = frozenset(_OPS)
