@@ -211,6 +211,7 @@ def test_coreml_predict_matches_jax(classifier, exported):
     assert np.abs(got - want).max() <= FP32
 
 
+@pytest.mark.slow
 def test_embedding_model_exports(run_dir, tmp_path):
     report = export_run(run_dir, "coreml", model="embedding", out=tmp_path / "e.mlpackage")
     assert report["model"] == "embedding" and report["outputs"] == ["embedding"]
@@ -222,6 +223,7 @@ def test_embedding_model_exports(run_dir, tmp_path):
 
 # --- the CLI and bad input ---
 
+@pytest.mark.slow
 def test_cli_export_prints_report_and_refuses_to_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "model.mlpackage"
     args = ["export", "--run", str(run_dir), "--format", "coreml", "--precision", "fp16", "--image-input",
@@ -237,6 +239,7 @@ def test_cli_export_prints_report_and_refuses_to_overwrite(run_dir, tmp_path, ca
     assert main(args + ["--force"]) == 0
 
 
+@pytest.mark.slow
 def test_savedmodel_cli_export(run_dir, tmp_path, capsys):
     out = tmp_path / "sm"
     assert main(["export", "--run", str(run_dir), "--format", "savedmodel", "--out", str(out)]) == 0
@@ -314,6 +317,7 @@ def test_exported_classifier_is_the_learners_prediction(method, options):
     assert dataclasses.replace(support, statistics=None).norm_images is support.images
 
 
+@pytest.mark.slow
 def test_numpy_evaluator_covers_the_unet_like_layers(tmp_path):
     """Transposed, dilated, grouped and depthwise convolutions, both resizes and both poolings
     through Core ML and back through the numpy evaluator."""
