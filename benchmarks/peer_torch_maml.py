@@ -63,11 +63,12 @@ def make_step(method: str, steps: int, lr: float, first_order: bool, params: dic
 
     def reptile_direction(params, sx, sy, qx, qy):
         adapted = adapt(params, sx, sy, steps, lr, True)
-        return {k: params[k] - adapted[k] for k in params}
+        # the query loss after adaptation is reported, as fsl_jax's Reptile does
+        return {k: params[k] - adapted[k] for k in params}, F.cross_entropy(forward(adapted, qx), qy)
 
     def step(sx, sy, qx, qy):
         if method == "reptile":
-            directions = vmap(reptile_direction, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
+            directions, _ = vmap(reptile_direction, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy)
             grads = {k: d.mean(0).detach() for k, d in directions.items()}
         else:
             meta_loss = lambda p: vmap(maml_loss, in_dims=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy).mean()
