@@ -18,7 +18,12 @@ demo: $(STAMP)
 	$(VENV)/bin/fsl-jax train --config experiments/demo/protonet.yaml --set out=runs/demo/protonet
 	$(VENV)/bin/fsl-jax eval --run runs/demo/protonet --ways 5 --shots 1 --episodes 1000
 	$(VENV)/bin/fsl-jax eval --run runs/demo/protonet --ways 20 --shots 1 --episodes 1000
-	@echo "Run directory: runs/demo/protonet (checkpoints/, metrics.jsonl, curves.png)"
+	$(VENV)/bin/fsl-jax train --config experiments/segmentation/demo.yaml --set out=runs/demo/segmentation
+	$(VENV)/bin/fsl-jax eval --run runs/demo/segmentation
+	$(VENV)/bin/fsl-jax export --run runs/demo/segmentation --format coreml --image-input --force --out runs/demo/segmenter.mlpackage
+	@echo "Classification run: runs/demo/protonet (checkpoints/, metrics.jsonl, curves.png)"
+	@echo "Segmentation run: runs/demo/segmentation (curves.png; predictions in eval.png)"
+	@echo "Core ML segmenter: runs/demo/segmenter.mlpackage"
 
 # pytest exits 5 when it collected no test: that is a failure here too.
 test: $(STAMP)

@@ -98,13 +98,15 @@ def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
 
 def restore_params(run_dir: Path, experiment: Experiment, step: int | None = None):
     """Parameters of a run's latest (or given) checkpoint."""
-    params = experiment.init_params()
-    state = {"params": params, "opt_state": experiment.optimiser.init(params)}
+    def initial_state():
+        params = experiment.init_params()
+        return {"params": params, "opt_state": experiment.optimiser.init(params)}
+
     with _checkpoint_manager(run_dir, experiment.config) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))["params"], step
 
 
