@@ -11,13 +11,13 @@ from fsl_jax.errors import FslJaxError
 
 
 def _config_from_run(run: Path, data_dir: str | None) -> dict:
-    from fsl_jax.config import read_yaml
+    from fsl_jax.config import complete, read_yaml
     from fsl_jax.errors import DataError
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise DataError(f"{run} is not a run directory: {path} is missing")
-    config = read_yaml(path.read_text())
+    config = complete(read_yaml(path.read_text()))
     if data_dir:
         config["data"]["dir"] = data_dir
     return config

@@ -183,6 +183,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
     return config
 
 
+def complete(config: dict) -> dict:
+    """A full config saved earlier (a run's ``config.yaml``), with keys added to the defaults
+    since then filled in, so runs of an older version still resume and evaluate."""
+    return _merge(defaults_for(config.get("data", {}).get("name", DEFAULTS["data"]["name"])), config)
+
+
 def eval_episode(config: dict) -> dict:
     """The evaluation episode shape: the ``eval`` block with blanks filled from ``episode``."""
     e = config["eval"]

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import read_yaml
+from fsl_jax.config import complete, read_yaml
 from fsl_jax.errors import ConfigError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
@@ -149,7 +149,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.yaml"
-    if saved.exists() and read_yaml(saved.read_text()) != config:
+    if saved.exists() and complete(read_yaml(saved.read_text())) != config:
         raise ConfigError(f"run directory {run_dir} holds a run of a different config; choose another `out`")
     saved.write_text(yaml.safe_dump(config, sort_keys=False))
 

@@ -62,3 +62,14 @@ def test_every_shipped_config_is_valid():
         config = load_config(path)
         if config["data"]["name"] == "omniglot":
             make_learner(config, num_train_classes=10)
+
+
+def test_a_saved_config_missing_newer_keys_is_completed_with_defaults():
+    from fsl_jax.config import complete
+
+    full = load_config(None, ["episode.ways=5"])
+    old = {k: v for k, v in full.items()}
+    old["data"] = {k: v for k, v in full["data"].items() if k != "source"}  # saved before data.source existed
+    assert complete(old) == full
+    with pytest.raises(ConfigError, match="unknown config key 'data.colour'"):
+        complete({**full, "data": {**full["data"], "colour": "red"}})
