@@ -13,31 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from common import machine, train_run
 from fsl_jax.config import load_config
 from fsl_jax.data.lake_runs import read_runs, write_runs
 from fsl_jax.data.omniglot import load_omniglot, split
-from fsl_jax.train import Experiment, evaluate, read_metrics, restore_params, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "omniglot.json"
-
-
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
 def lake_accuracy(experiment, params, runs) -> float:
@@ -46,25 +35,13 @@ def lake_accuracy(experiment, params, runs) -> float:
 
 
 def run_config(path: Path, episodes: int, lake_runs) -> dict:
-    config = load_config(path, [f"out=runs/table/{path.stem}"])
-    previous = json.loads(RESULTS.read_text()).get(path.stem, {}) if RESULTS.exists() else {}
-    start = time.perf_counter()
-    run = train(config, progress=False)
-    minutes = (time.perf_counter() - start) / 60
-    # a run that was already complete took no training now: keep the minutes measured when it trained
-    minutes = previous.get("train_minutes", minutes) if minutes < 0.2 else minutes
-    experiment = Experiment(config)
-    params, step = restore_params(run, experiment)
-    records = [r for r in read_metrics(run) if r["split"] == "train"]
+    experiment, params, result = train_run(path, f"runs/table/{path.stem}", RESULTS)
+    config = experiment.config
     settings = config["eval"]["settings"] or [[config["episode"]["ways"], config["episode"]["shots"]]]
-    result = {"config": str(path.relative_to(HERE.parent)), "method": config["method"], "steps": step,
-              "train_episode": config["episode"], "train_minutes": round(minutes, 1),
-              "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
-              "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
-              "eval": {}}
+    result["eval"] = {}
     for ways, shots in settings:
         sampler = experiment.eval_sampler(ways=ways, shots=shots)
-        result["eval"][f"{ways}way_{shots}shot"] = evaluate(experiment.learner, params, sampler, episodes, progress=False)
+        result["eval"][f"{ways}way_{shots}shot"] = experiment.evaluate(params, sampler, episodes, progress=False)
         print(path.stem, ways, shots, result["eval"][f"{ways}way_{shots}shot"], flush=True)
     if lake_runs and any(w == 20 and s == 1 for w, s in settings):
         result["lake_20way_within_alphabet"] = {"runs": len(lake_runs), "accuracy": lake_accuracy(experiment, params, lake_runs)}
@@ -101,7 +78,6 @@ def main():
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for path in paths:
         results[path.stem] = run_config(path, args.episodes, lake_runs)
-        results[path.stem]["machine"] = machine()
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     header = (f"Omniglot, held-out alphabets {', '.join(load_config(None)['data']['test_alphabets'])}; "
               f"accuracy % ± 95% CI over {args.episodes} episodes (5 queries per class). Machine: {machine()}.")

@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
-from fsl_jax.config import load_config
-from fsl_jax.train import Experiment, read_metrics, restore_params, train
+from common import train_run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "segmentation.json"
@@ -34,30 +27,10 @@ SHOTS = (1, 5)
 PUBLISHED = [("Siamese-U-Net (Michaelis et al. 2018)", (97.1, 62.4, 38.4)), ("MaskNet (Michaelis et al. 2018)", (95.8, 65.6, 43.7))]
 
 
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
-
-
 def run_config(path: Path) -> dict:
-    config = load_config(path, [f"out=runs/table/segmentation/{path.stem}"])
-    previous = json.loads(RESULTS.read_text()).get(path.stem, {}) if RESULTS.exists() else {}
-    start = time.perf_counter()
-    run = train(config, progress=False)
-    minutes = (time.perf_counter() - start) / 60
-    # a run that was already complete took no training now: keep the minutes measured when it trained
-    minutes = previous.get("train_minutes", minutes) if minutes < 0.2 else minutes
-    experiment = Experiment(config)
-    params, step = restore_params(run, experiment)
-    records = [r for r in read_metrics(run) if r["split"] == "train"]
-    result = {"config": str(path.relative_to(HERE.parent)), "method": config["method"], "task": config["data"]["name"],
-              "steps": step, "train_episode": config["episode"], "train_minutes": round(minutes, 1),
-              "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
-              "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
-              "machine": machine(), "eval": {}}
+    experiment, params, result = train_run(path, f"runs/table/segmentation/{path.stem}", RESULTS)
+    config = experiment.config
+    result.update(task=config["data"]["name"], eval={})
     episodes = config["eval"]["episodes"]
     if config["data"]["name"] == "cluttered_omniglot":
         sampler = experiment.eval_sampler(distractors=list(LEVELS))

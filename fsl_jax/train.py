@@ -26,7 +26,7 @@ from fsl_jax.errors import ConfigError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
 from fsl_jax.methods import make_learner
-from fsl_jax.tasks import evaluate, load_task  # noqa: F401  (evaluate: classification, importable from here)
+from fsl_jax.tasks import load_task
 
 
 def make_optimiser(optim: dict, steps: int) -> optax.GradientTransformation:

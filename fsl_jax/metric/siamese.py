@@ -6,7 +6,7 @@ import flax.linen as nn
 import optax
 
 from fsl_jax.learner import Learner, accuracy
-from fsl_jax.metric.common import embed_task, one_hot_support, per_class_max
+from fsl_jax.metric.common import embed_task, per_class_max
 
 
 def siamese(backbone, loss: str = "binary", margin: float = 1.0, task_map: str = "vmap") -> Learner:

@@ -1,0 +1,48 @@
+"""What the table scripts share: the machine's description and a trained run's summary."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fsl_jax.config import load_config
+from fsl_jax.train import Experiment, read_metrics, restore_params, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
+
+
+def train_run(path: Path, out: str, results: Path):
+    """Train (or resume) the config at ``path`` into ``out``; returns (experiment, params, summary).
+
+    The summary holds the config, steps, training minutes (kept from ``results`` when the run
+    was already complete), and median training and sampler episodes/s.
+    """
+    config = load_config(path, [f"out={out}"])
+    previous = json.loads(results.read_text()).get(path.stem, {}) if results.exists() else {}
+    start = time.perf_counter()
+    run = train(config, progress=False)
+    minutes = (time.perf_counter() - start) / 60
+    # a run that was already complete took no training now: keep the minutes measured when it trained
+    minutes = previous.get("train_minutes", minutes) if minutes < 0.2 else minutes
+    experiment = Experiment(config)
+    params, step = restore_params(run, experiment)
+    records = [r for r in read_metrics(run) if r["split"] == "train"]
+    summary = {"config": str(path.relative_to(ROOT)), "method": config["method"], "steps": step,
+               "train_episode": config["episode"], "train_minutes": round(minutes, 1),
+               "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
+               "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
+               "machine": machine()}
+    return experiment, params, summary
