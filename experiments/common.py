@@ -32,11 +32,12 @@ def train_run(path: Path, out: str, results: Path):
     """
     config = load_config(path, [f"out={out}"])
     previous = json.loads(results.read_text()).get(path.stem, {}) if results.exists() else {}
+    complete = any(r["step"] == config["train"]["steps"] for r in read_metrics(Path(out)))
     start = time.perf_counter()
     run = train(config, progress=False)
     minutes = (time.perf_counter() - start) / 60
-    # a run that was already complete took no training now: keep the minutes measured when it trained
-    minutes = previous.get("train_minutes", minutes) if minutes < 0.2 else minutes
+    if complete and "train_minutes" in previous:  # no training now: keep the minutes measured when it trained
+        minutes = previous["train_minutes"]
     experiment = Experiment(config)
     params, step = restore_params(run, experiment)
     records = [r for r in read_metrics(run) if r["split"] == "train"]
