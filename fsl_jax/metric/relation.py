@@ -29,9 +29,10 @@ class RelationModule(nn.Module):
 
 def relation(backbone, width: int = 64, hidden: int = 8, task_map: str = "vmap") -> Learner:
     """A learned comparison of each query's feature map with the mean support feature map of
-    each class (the paper sums over shots; the mean is the same for one shot and lets a model
-    trained with K shots be evaluated with another K), trained by mean squared error to the one-hot target, as in the paper.
-    Use an encoder that keeps a spatial map, e.g. ``conv4`` with ``pooled_blocks: 2``."""
+    each class, trained by mean squared error to the one-hot target, as in the paper. The paper
+    sums over shots; the mean is the same for one shot and lets a model trained with K shots be
+    evaluated with another K. Use an encoder that keeps a spatial map, e.g. ``conv4`` with
+    ``pooled_blocks: 2`` or ``3``."""
     module = RelationModule(width, hidden)
 
     def pairs(params, task):
