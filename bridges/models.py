@@ -98,7 +98,7 @@ def _embedder(config: dict, support_images: np.ndarray, bparams):
         features = backbone.apply({"params": p["backbone"], "norm_stats": p["norm_stats"]}, x)
         return features.reshape(x.shape[0], -1)
 
-    return embed, state["norm_stats"]
+    return embed, state.get("norm_stats", {})  # {}: a backbone without BatchNorm
 
 
 def omniglot_input(name: str, image_size: int) -> Input:

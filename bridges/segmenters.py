@@ -55,7 +55,7 @@ def prototype_segmenter_model(config: dict, params, support: SegSupport, metadat
     support_ref = support.support_statistics if support.support_statistics is not None else support.images
     query_ref = support.query_statistics if support.query_statistics is not None else (
         support.images if same_size else support.queries)
-    stats = lambda images: backbone.apply({"params": params}, jnp.asarray(images), mutable=["norm_stats"])[1]["norm_stats"]
+    stats = lambda images: backbone.apply({"params": params}, jnp.asarray(images), mutable=["norm_stats"])[1].get("norm_stats", {})  # {}: no BatchNorm
     support_features = backbone.apply({"params": params, "norm_stats": stats(support_ref)}, jnp.asarray(support.images))
     weights = resize(jnp.asarray(support.masks)[..., None], *support_features.shape[1:3])[..., 0]
     baked = {"backbone": params, "norm_stats": stats(query_ref),

@@ -203,3 +203,17 @@ def test_cli_exports_a_segmentation_run_and_checks_its_support(tmp_path, capsys)
         assert main(["export", "--run", str(run), "--format", "coreml", "--support", str(folder),
                      "--out", str(tmp_path / "other.mlpackage")]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_prototype_segmenter_on_a_backbone_without_batchnorm(scenes):
+    """The demo's segmenter: U-Net features normalise each image themselves, so there are no
+    BatchNorm statistics to fix; the export must still be the learner's prediction."""
+    options = {"widths": [4, 8], "outputs": 8}
+    config = load_config(None, ["data.name=omniglot_seg", "method=prototype_segmenter", "backbone=unet",
+                                f"backbone_options={options}"])
+    learner = prototype_segmenter(make_backbone("unet", options))
+    task = first_task(scenes)
+    params = jax.jit(learner.init)(jax.random.PRNGKey(0), task)
+    model = prototype_segmenter_model(config, params, support_of(scenes), {})
+    want = jax.nn.sigmoid(jax.jit(learner.task_predict)(params, task, jax.random.PRNGKey(0)))
+    np.testing.assert_allclose(model(task.query_x)[0], want, atol=1e-5, rtol=0)
