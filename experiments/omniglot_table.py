@@ -17,21 +17,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from common import machine, train_run
 from fsl_jax.config import load_config
 from fsl_jax.data.lake_runs import read_runs, write_runs
 from fsl_jax.data.omniglot import load_omniglot, split
+from fsl_jax.tasks import lake_run_accuracies
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "omniglot.json"
-
-
-def lake_accuracy(experiment, params, runs) -> float:
-    predict = jax.jit(experiment.learner.predict)
-    return float(np.mean([np.mean(np.argmax(predict(params, r, jax.random.PRNGKey(0)), -1) == r.query_y) for r in runs]))
 
 
 def run_config(path: Path, episodes: int, lake_runs) -> dict:
@@ -44,7 +39,7 @@ def run_config(path: Path, episodes: int, lake_runs) -> dict:
         result["eval"][f"{ways}way_{shots}shot"] = experiment.evaluate(params, sampler, episodes, progress=False)
         print(path.stem, ways, shots, result["eval"][f"{ways}way_{shots}shot"], flush=True)
     if lake_runs and any(w == 20 and s == 1 for w, s in settings):
-        result["lake_20way_within_alphabet"] = {"runs": len(lake_runs), "accuracy": lake_accuracy(experiment, params, lake_runs)}
+        result["lake_20way_within_alphabet"] = {"runs": len(lake_runs), "accuracy": float(np.mean(lake_run_accuracies(experiment.learner, params, lake_runs)))}
     return result
 
 

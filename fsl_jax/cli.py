@@ -35,9 +35,6 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    import numpy as np
-    import jax
-
     from fsl_jax.errors import ConfigError
     from fsl_jax.train import Experiment, restore_params
 
@@ -46,17 +43,15 @@ def cmd_eval(args) -> dict:
     params, step = restore_params(Path(args.run), experiment)
     if args.lake_runs:
         from fsl_jax.data.lake_runs import read_runs
+        from fsl_jax.tasks import accuracy_ci95, lake_run_accuracies
 
         if experiment.task.score != "accuracy":
             raise ConfigError(f"--lake-runs scores classifiers; {args.run} is a {config['data']['name']} run")
 
         runs = read_runs(args.lake_runs, config["data"]["image_size"])
-        predict = jax.jit(experiment.learner.predict)
-        correct = [float(np.mean(np.argmax(predict(params, r, jax.random.PRNGKey(0)), -1) == r.query_y)) for r in runs]
-        accuracy = float(np.mean(correct))
-        ci95 = float(1.96 * np.std(correct, ddof=1) / np.sqrt(len(correct))) if len(correct) > 1 else float("nan")
+        score = accuracy_ci95(lake_run_accuracies(experiment.learner, params, runs))
         return {"run": str(args.run), "step": step, "protocol": "lake-one-shot", "runs": len(runs),
-                "accuracy": accuracy, "error": 1 - accuracy, "ci95": ci95}
+                **score, "error": 1 - score["accuracy"]}
     if args.episodes_dir:
         from fsl_jax.data.segmentation import FixedEpisodes, load_episodes
 

@@ -79,9 +79,20 @@ def evaluate(learner: Learner, params, sampler: EpisodeSampler, episodes: int, p
             scores.extend(np.asarray(predict(params, batch, jax.random.PRNGKey(batch_index))).tolist())
             batch_index += 1
             bar.update(sampler.tasks)
-    scores = np.array(scores[:episodes])
-    return {"accuracy": float(scores.mean()), "ci95": float(1.96 * scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else float("nan"),
-            "episodes": len(scores)}
+    return {**accuracy_ci95(scores[:episodes]), "episodes": min(len(scores), episodes)}
+
+
+def accuracy_ci95(scores) -> dict:
+    """Mean of per-episode accuracies and its 95% confidence interval (1.96 standard errors)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ci95 = 1.96 * scores.std(ddof=1) / math.sqrt(len(scores)) if len(scores) > 1 else float("nan")
+    return {"accuracy": float(scores.mean()), "ci95": float(ci95)}
+
+
+def lake_run_accuracies(learner: Learner, params, runs) -> list[float]:
+    """Accuracy on each of Lake's one-shot runs (single-task episodes from :func:`read_runs`)."""
+    accuracy = _episode_accuracy(learner)
+    return [float(accuracy(params, run, jax.random.PRNGKey(0))[0]) for run in runs]
 
 
 def classification(config: dict) -> TaskData:
