@@ -34,32 +34,34 @@ SHOTS = (1, 5)
 PUBLISHED = [("Siamese-U-Net (Michaelis et al. 2018)", (97.1, 62.4, 38.4)), ("MaskNet (Michaelis et al. 2018)", (95.8, 65.6, 43.7))]
 
 
+# predicts every non-black pixel: all characters segmented, none told apart; it ignores the support
+EVERY_CHARACTER = Learner(init=None, task_loss=None,
+                          task_predict=lambda params, task, rng: jnp.where(task.query_x.max(-1) > 0, 1.0, -1.0))
+
+
+def scores(experiment: Experiment, learner: Learner, params) -> dict:
+    """IoU per distractor level (cluttered Omniglot) or mIoU and FB-IoU per number of shots (K-shot scenes)."""
+    config = experiment.config
+    episodes = config["eval"]["episodes"]
+    evaluate = lambda sampler: experiment.task.evaluate(learner, params, sampler, episodes, False)
+    if config["data"]["name"] == "cluttered_omniglot":
+        return {"cluttered": evaluate(experiment.eval_sampler(distractors=list(LEVELS)))}
+    return {f"{shots}shot": evaluate(experiment.eval_sampler(shots=shots)) for shots in SHOTS}
+
+
 def run_config(path: Path) -> dict:
     experiment, params, result = train_run(path, f"runs/table/segmentation/{path.stem}", RESULTS)
-    config = experiment.config
-    result.update(task=config["data"]["name"], eval={})
-    episodes = config["eval"]["episodes"]
-    if config["data"]["name"] == "cluttered_omniglot":
-        sampler = experiment.eval_sampler(distractors=list(LEVELS))
-        result["eval"]["cluttered"] = experiment.evaluate(params, sampler, episodes, progress=False)
-    else:
-        for shots in SHOTS:
-            sampler = experiment.eval_sampler(shots=shots)
-            result["eval"][f"{shots}shot"] = experiment.evaluate(params, sampler, episodes, progress=False)
+    result.update(task=experiment.config["data"]["name"], eval=scores(experiment, experiment.learner, params))
     print(path.stem, json.dumps(result["eval"]), flush=True)
     return result
 
 
-def every_character(config: Path) -> dict:
-    """The reference a segmenter must beat: every non-black pixel predicted as the target, i.e. all
-    characters segmented and none told apart, scored on the held-out scenes of ``config``."""
-    experiment = Experiment(load_config(config, ["out=runs/table/segmentation/every_character"]))
-    ink = Learner(init=None, task_loss=None, task_predict=lambda params, task, rng: jnp.where(task.query_x.max(-1) > 0, 1.0, -1.0))
-    sampler = experiment.eval_sampler(distractors=list(LEVELS))
-    scores = experiment.task.evaluate(ink, None, sampler, experiment.config["eval"]["episodes"], False)
-    return {"config": "every non-black pixel", "method": "reference: all characters", "task": "cluttered_omniglot",
+def every_character(path: Path) -> dict:
+    """The reference a segmenter must beat, scored on the held-out scenes of the config at ``path``."""
+    experiment = Experiment(load_config(path, ["out=runs/table/segmentation/every_character"]))
+    return {"config": "every non-black pixel", "method": "reference: all characters", "task": experiment.config["data"]["name"],
             "steps": 0, "train_minutes": 0, "machine": machine(), "train_episodes_per_s": None,
-            "sampler_episodes_per_s": None, "eval": {"cluttered": scores}}
+            "sampler_episodes_per_s": None, "eval": scores(experiment, EVERY_CHARACTER, None)}
 
 
 def markdown(results: dict) -> str:
@@ -86,7 +88,8 @@ def markdown(results: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in kshot.values():
         cells = [pct(r["eval"][f"{k}shot"][m]) for k in SHOTS for m in ("miou", "fb_iou")]
-        lines.append(f"| {r['method']} | `{r['config']}` | {r['steps']} | {r['train_minutes']} | {r['machine']} | "
+        config = f"`{r['config']}`" if r["steps"] else r["config"]
+        lines.append(f"| {r['method']} | {config} | {r['steps']} | {r['train_minutes']} | {r['machine']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -103,7 +106,8 @@ def main():
         results[path.stem] = run_config(path)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    results["every_character"] = every_character(HERE / "segmentation" / "siamese_unet_cluttered.yaml")
+    for reference in ("siamese_unet_cluttered", "prototype_1shot"):
+        results[f"every_character_{reference}"] = every_character(HERE / "segmentation" / f"{reference}.yaml")
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     (HERE / "results" / "segmentation.md").write_text(markdown(results))
     print((HERE / "results" / "segmentation.md").read_text())

@@ -40,15 +40,21 @@ class Learner:
     init(rng, task) -> params
     task_loss(params, task, rng) -> (loss, metrics)   metrics include "accuracy"
     task_predict(params, task, rng) -> logits [N*Q, N] for the task's queries
+    batch_loss(params, batch, rng) -> (loss, metrics), optional: the training loss of a whole batch,
+        for methods whose loss couples the batch's tasks (e.g. a contrastive term across them);
+        without it the loss is the mean of ``task_loss`` over the tasks.
     """
 
     init: Callable[..., Params]
     task_loss: Callable[..., tuple[jax.Array, Metrics]]
     task_predict: Callable[..., jax.Array]
     task_map: str = "vmap"
+    batch_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
 
     def loss(self, params: Params, batch, rng) -> tuple[jax.Array, Metrics]:
-        """Mean loss and metrics over the batch's tasks."""
+        """Loss and metrics of a batch of tasks: ``batch_loss``, or the mean of ``task_loss`` over the tasks."""
+        if self.batch_loss is not None:
+            return self.batch_loss(params, batch, rng)
         losses, metrics = map_tasks(self.task_loss, self.task_map)(params, batch, rng)
         return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
 

@@ -206,7 +206,7 @@ def test_cli_exports_a_segmentation_run_and_checks_its_support(tmp_path, capsys)
 
 
 def test_prototype_segmenter_on_a_backbone_without_batchnorm(scenes):
-    """The demo's segmenter: U-Net features normalise each image themselves, so there are no
+    """A prototype segmenter on U-Net features, which normalise each image themselves: no
     BatchNorm statistics to fix; the export must still be the learner's prediction."""
     options = {"widths": [4, 8], "outputs": 8}
     config = load_config(None, ["data.name=omniglot_seg", "method=prototype_segmenter", "backbone=unet",

@@ -88,6 +88,31 @@ def test_siamese_unet_shares_one_encoder_and_reads_the_exemplar():
     assert not np.allclose(logits, predict(params, other, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.parametrize("make, body, head", [
+    (lambda **o: siamese_unet(widths=(4, 8, 8), **o), ("encoder", "block0", "conv0"), ("decoder", "head")),
+    (lambda **o: prototype_segmenter(UNet((4, 8), outputs=8), **o), ("encoder", "block0", "conv0"), None)])
+def test_contrast_couples_the_tasks_of_a_batch(make, body, head):
+    """The contrastive term is InfoNCE over the batch: added to the mean task loss, exactly ln(T) when every
+    support code matches every target equally, and a gradient for the features only."""
+    batch = toy_batch(tasks=4, support_size=8, queries=1)
+    plain, contrastive = make(), make(contrast_weight=1.0)
+    params = plain.init(jax.random.PRNGKey(0), first_task(batch))
+    key = jax.random.PRNGKey(0)
+    loss, metrics = jax.jit(contrastive.loss)(params, batch, key)
+    base, base_metrics = jax.jit(plain.loss)(params, batch, key)
+    assert "contrast_loss" not in base_metrics
+    np.testing.assert_allclose(loss, base + metrics["contrast_loss"], rtol=1e-5)
+    assert 0 <= float(metrics["contrast_accuracy"]) <= 1
+    same = jax.tree.map(lambda x: np.repeat(x[:1], 4, 0), batch)  # one task four times: all similarities equal
+    _, same_metrics = jax.jit(contrastive.loss)(params, same, key)
+    np.testing.assert_allclose(same_metrics["contrast_loss"], np.log(4), rtol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: contrastive.loss(p, batch, key)[0] - plain.loss(p, batch, key)[0]))(params)
+    leaf = lambda tree, path: tree[path[0]] if len(path) == 1 else leaf(tree[path[0]], path[1:])
+    assert float(jnp.abs(leaf(grads, body)["kernel"]).max()) > 0
+    if head:
+        assert float(jnp.abs(leaf(grads, head)["kernel"]).max()) == 0  # the term reads the encoder only
+
+
 def test_maml_segmenter_adapts_and_differentiates_through_the_inner_loop():
     batch = toy_batch(tasks=2, size=8)
     learner = maml_segmenter(widths=(4, 8), im2col=False, inner_steps=1, inner_lr=0.5, dice_weight=0.0)

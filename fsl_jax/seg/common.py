@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from fsl_jax import metrics
-from fsl_jax.learner import Metrics
+from fsl_jax.learner import Metrics, map_tasks
 
 
 def bce(logits: jax.Array, masks: jax.Array) -> jax.Array:
@@ -47,3 +47,26 @@ def cosine(features: jax.Array, prototype: jax.Array, eps: float = 1e-6) -> jax.
     gradients) for zero vectors."""
     norm = lambda v: jnp.sqrt(jnp.sum(v * v, -1) + eps * eps)
     return (features @ prototype) / (norm(features) * norm(prototype))
+
+
+def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature: float):
+    """A batch loss that couples the tasks: the mean task loss plus ``weight`` x InfoNCE (van den Oord et
+    al. 2018) across the batch, where each task's support code must be closer (cosine / ``temperature``)
+    to its own query target's code than to the other tasks' targets, as in a prototypical network's episode.
+
+    Pixel-wise losses teach a segmenter to segment every object long before they teach it to tell the
+    support's object from the others; this term gives its features that signal directly.
+    task_terms(params, task, rng) -> (loss, metrics, support code [D], query target code [D]).
+    """
+
+    def batch_loss(params, batch, rng):
+        losses, task_metrics, codes, targets = map_tasks(task_terms, task_map)(params, batch, rng)
+        unit = lambda v: v / jnp.sqrt(jnp.sum(v * v, -1, keepdims=True) + 1e-12)
+        similarity = unit(codes) @ unit(targets).T / temperature
+        labels = jnp.arange(similarity.shape[0])
+        contrast = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(similarity, labels))
+        return jnp.mean(losses) + weight * contrast, {
+            **jax.tree.map(jnp.mean, task_metrics), "contrast_loss": contrast,
+            "contrast_accuracy": jnp.mean(jnp.argmax(similarity, -1) == labels)}
+
+    return batch_loss

@@ -13,17 +13,20 @@ import jax
 import jax.numpy as jnp
 
 from fsl_jax.learner import Learner
-from fsl_jax.seg.common import bce, cosine, masked_average, resize, segmentation_loss
+from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss
 
 
 def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0, dice_weight: float = 1.0,
-                        task_map: str = "vmap") -> Learner:
+                        contrast_weight: float = 0.0, temperature: float = 0.1, task_map: str = "vmap") -> Learner:
     """A few-shot segmenter on a fully convolutional ``backbone`` (e.g. Conv4 with ``pooled_blocks: 2``).
 
     scale: the cosine similarities' temperature (PANet uses 20); the foreground logit of a
         pixel is ``scale * (cos(f, fg) - cos(f, bg))``, the two-class softmax as one sigmoid.
     align_weight: weight of the prototype alignment loss (0 turns it off).
     dice_weight: weight of a soft Dice term beside the cross-entropy (small objects; 0: PANet's loss).
+    contrast_weight: weight of a contrastive term across the batch's tasks (each task's foreground
+        prototype against the queries' targets, :func:`fsl_jax.seg.common.contrastive_batch_loss`; 0: off).
+    temperature: that term's softmax temperature on cosine similarities.
     """
 
     def embed(params, task):
@@ -47,9 +50,10 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         logits = scores(query, *prototypes(support, task.support_mask))
         return resize(logits[..., None], *task.query_x.shape[1:3])[..., 0]
 
-    def loss(params, task, rng):
+    def task_terms(params, task, rng):
         support, query = embed(params, task)
-        coarse = scores(query, *prototypes(support, task.support_mask))
+        foreground, background = prototypes(support, task.support_mask)
+        coarse = scores(query, foreground, background)
         loss, metrics = segmentation_loss(resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0], task.query_mask, dice_weight)
         if align_weight:
             predicted = jax.lax.stop_gradient((coarse > 0).astype(jnp.float32))
@@ -57,7 +61,9 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
             align = bce(resize(back[..., None], *task.support_x.shape[1:3])[..., 0], task.support_mask)
             loss = loss + align_weight * align
             metrics = {**metrics, "align_loss": align}
-        return loss, metrics
+        return loss, metrics, foreground, prototypes(query, task.query_mask)[0]
 
     return Learner(init=lambda rng, task: backbone.init(rng, task.query_x)["params"],
-                   task_loss=loss, task_predict=predict, task_map=task_map)
+                   task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,
+                   task_map=task_map,
+                   batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature) if contrast_weight else None)
