@@ -83,14 +83,16 @@ def siamese_unet_model(config: dict, params, examples: tuple[np.ndarray, np.ndar
 
     def one(p, exemplar, scene):
         mask = jnp.ones(exemplar.shape[:2], exemplar.dtype)  # the exemplar comes masked already
-        return net.apply({"params": p}, exemplar[None], mask[None], scene[None])[0][0]
+        logits, _, _ = net.apply({"params": p}, exemplar[None], mask[None], scene[None])  # (logits, code, features)
+        return logits[0]
 
     def apply(p, exemplars, scenes):
         return (jax.nn.sigmoid(jax.vmap(one, in_axes=(None, 0, 0))(p, exemplars, scenes)),)
 
     def apply_one(p, exemplar, scene):  # no vmap: a plainer graph for Core ML's batch of one
         mask = jnp.ones(exemplar.shape[:3], exemplar.dtype)
-        return (jax.nn.sigmoid(net.apply({"params": p}, exemplar, mask, scene)[0]),)
+        logits, _, _ = net.apply({"params": p}, exemplar, mask, scene)
+        return (jax.nn.sigmoid(logits),)
 
     exemplars, scenes = examples
     return Exportable(
