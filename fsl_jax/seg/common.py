@@ -61,7 +61,8 @@ def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature
 
     def batch_loss(params, batch, rng):
         losses, task_metrics, codes, targets = map_tasks(task_terms, task_map)(params, batch, rng)
-        similarity = jax.vmap(lambda code: cosine(targets, code))(codes) / temperature  # [i, j]: code i, target j
+        unit = lambda v: v / jnp.sqrt(jnp.sum(v * v, -1, keepdims=True) + 1e-12)
+        similarity = unit(codes) @ unit(targets).T / temperature
         labels = jnp.arange(similarity.shape[0])
         contrast = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(similarity, labels))
         return jnp.mean(losses) + weight * contrast, {
