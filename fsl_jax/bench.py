@@ -19,44 +19,46 @@ def add_arguments(parser) -> None:
     parser.add_argument("what", choices=sorted(BENCHMARKS))
     parser.add_argument("--config", help="train: the config whose training step is timed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after compilation")
+    parser.add_argument("--steps", type=int, default=10, help="timed calls after compilation")
     maml = parser.add_argument_group("maml: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class")
     maml.add_argument("--method", choices=["maml", "reptile"], default="maml")
     maml.add_argument("--first-order", action="store_true", help="FOMAML instead of second-order MAML")
     maml.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
     maml.add_argument("--inner-steps", type=int, default=5)
     maml.add_argument("--task-map", choices=["vmap", "map"], help="default: the library's for this backend")
+    maml.add_argument("--steps-per-call", type=int, default=10,
+                      help="meta-steps per XLA execution (train.steps_per_call; make_train_steps)")
     maml.add_argument("--peer", choices=["torch"], help="also time benchmarks/peer_torch_maml.py in this run")
 
 
 def bench_train(args) -> dict:
     """Sampler episodes/s next to training-step episodes/s for a config: is sampling the bottleneck?"""
     from fsl_jax.config import load_config
-    from fsl_jax.train import Experiment, make_train_step
+    from fsl_jax.train import Experiment, make_train_steps
 
     overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides)
     experiment = Experiment(config)
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
-    step = make_train_step(experiment.learner, experiment.optimiser)
-    sampler = experiment.train_sampler
+    steps = make_train_steps(experiment.learner, experiment.optimiser)
+    sampler, per_call = experiment.train_sampler, config["train"]["steps_per_call"]
     key = jax.random.PRNGKey(0)
-    start = time.perf_counter()
-    params, opt_state, loss, _ = step(params, opt_state, sampler.sample(0), key)
-    loss.block_until_ready()
-    compile_s = time.perf_counter() - start
-    times = []
-    for i in range(1, args.steps + 1):
-        batch = sampler.sample(i)
+
+    def call(i):
+        nonlocal params, opt_state
+        batches = jax.tree.map(lambda *xs: np.stack(xs), *[sampler.sample(i * per_call + j) for j in range(per_call)])
         start = time.perf_counter()
-        params, opt_state, loss, _ = step(params, opt_state, batch, key)
-        loss.block_until_ready()
-        times.append(time.perf_counter() - start)
+        params, opt_state, losses, _ = steps(params, opt_state, batches, jax.random.split(key, per_call))
+        losses.block_until_ready()
+        return time.perf_counter() - start
+
+    compile_s = call(0)
+    times = [call(i) / per_call for i in range(1, args.steps + 1)]
     step_s = statistics.median(times)
     return {"benchmark": "train", "config": config["name"], "method": config["method"],
             "episode": config["episode"], "backend": jax.default_backend(),
-            "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
+            "steps_per_call": per_call, "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
             "train_episodes_per_s": round(sampler.tasks / step_s, 2),
             "sampler_episodes_per_s": round(sampler.throughput(), 1)}
 
@@ -98,7 +100,7 @@ def bench_maml(args) -> dict:
     from fsl_jax.meta import MetaClassifier, maml, reptile
     from fsl_jax.meta.flops import forward_flops, meta_step_flops
     from fsl_jax.nets import Conv4
-    from fsl_jax.train import make_train_step
+    from fsl_jax.train import make_train_steps
 
     if args.steps < 5:
         from fsl_jax.errors import ConfigError
@@ -119,15 +121,20 @@ def bench_maml(args) -> dict:
     optimiser = optax.adam(1e-3)
     params = learner.init(jax.random.PRNGKey(0), first_task(batch))
     opt_state = optimiser.init(params)
-    step = make_train_step(learner, optimiser)
-    key = jax.random.PRNGKey(0)
-    compile_s = timed(step, params, opt_state, batch, key)
+    per_call = args.steps_per_call
+    if per_call < 1:
+        from fsl_jax.errors import ConfigError
+        raise ConfigError(f"--steps-per-call must be at least 1, got {per_call}")
+    steps = make_train_steps(learner, optimiser)
+    batches = jax.tree.map(lambda x: np.stack([x] * per_call), batch)
+    keys = jax.random.split(jax.random.PRNGKey(0), per_call)
+    compile_s = timed(steps, params, opt_state, batches, keys)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        params, opt_state, loss, _ = step(params, opt_state, batch, key)
-        jax.block_until_ready((params, loss))
-        times.append(time.perf_counter() - start)
+        params, opt_state, losses, _ = steps(params, opt_state, batches, keys)
+        jax.block_until_ready((params, losses))
+        times.append((time.perf_counter() - start) / per_call)
     step_s = statistics.median(times)
     model = MetaClassifier(backbone, ways)
     model_params = params["model"]
@@ -138,7 +145,7 @@ def bench_maml(args) -> dict:
     result = {"benchmark": "maml", "config": {
         "method": args.method, "order": kind, "backbone": "conv4", "image": [size, size, 1], "ways": ways,
         "shots": shots, "queries": queries, "inner_steps": inner_steps, "inner_lr": inner_lr, "tasks": tasks,
-        "task_map": learner.task_map}, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "task_map": learner.task_map, "steps_per_call": per_call}, "backend": jax.default_backend(), "devices": jax.device_count(),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
         "tasks_per_s": round(tasks / step_s, 3), "flops_per_step": flops,

@@ -47,8 +47,36 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    config = tiny_config(tmp_path, "optim.lr=1e30", "train.steps=30")
+def test_several_steps_per_call_follow_the_same_path(tmp_path):
+    """Steps run in chunks of one XLA execution (stopping at log, eval and checkpoint steps) give
+    the records and parameters of one step per call, to float rounding (SGD: Adam would blow
+    the rounding of zero gradients up to its step size)."""
+    common = ["optim.name=sgd", "optim.lr=0.05", "train.steps=7", "train.log_every=3", "train.checkpoint_every=3",
+              "eval.every=6"]
+    one = train(tiny_config(tmp_path, *common, name="one"), progress=False)
+    config = tiny_config(tmp_path, *common, "train.steps_per_call=4", name="chunked")
+    chunked = train(config, progress=False)
+    records_one, records_chunked = read_metrics(one), read_metrics(chunked)
+    assert [(r["step"], r["split"]) for r in records_chunked] == [(r["step"], r["split"]) for r in records_one]
+    assert [r["step"] for r in records_chunked if r["split"] == "train"] == [3, 6, 7]
+    np.testing.assert_allclose([r["loss"] for r in records_chunked if r["split"] == "train"],
+                               [r["loss"] for r in records_one if r["split"] == "train"], rtol=1e-5)
+    experiment = Experiment(config)
+    a, step_a = restore_params(one, experiment)
+    b, step_b = restore_params(chunked, experiment)
+    assert step_a == step_b == 7
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), a, b)
+
+
+def test_steps_per_call_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(ConfigError, match="train.steps_per_call must be a positive integer, got 0"):
+        train(tiny_config(tmp_path, "train.steps_per_call=0"), progress=False)
+
+
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, per_call):
+    config = tiny_config(tmp_path, "optim.lr=1e30", "train.steps=30", "train.log_every=10", "train.checkpoint_every=10",
+                         "eval.every=10", f"train.steps_per_call={per_call}")
     with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as caught:
         train(config, progress=False)
     err = caught.value

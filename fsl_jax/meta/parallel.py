@@ -45,17 +45,18 @@ def task_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def shard_tasks(batch, mesh: Mesh):
-    """Place a batch (any pytree with a leading task axis) sharded over the mesh's tasks.
+def shard_tasks(batch, mesh: Mesh, axis: int = 0):
+    """Place a batch (any pytree whose ``axis`` is the task axis: 0, or 1 for a stack of
+    batches) sharded over the mesh's tasks.
 
     On one host ``batch`` is the whole batch; on several, each host's own part of it.
     The number of tasks must be a multiple of the number of devices.
     """
     devices = mesh.devices.size
-    tasks = jax.tree.leaves(batch)[0].shape[0] * jax.process_count()
+    tasks = jax.tree.leaves(batch)[0].shape[axis] * jax.process_count()
     if tasks % devices:
         raise ConfigError(f"tasks per batch ({tasks}) must be a multiple of the number of devices ({devices})")
-    sharding = NamedSharding(mesh, P(AXIS))
+    sharding = NamedSharding(mesh, P(*[None] * axis, AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
