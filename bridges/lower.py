@@ -152,8 +152,9 @@ class _Lowering:
         self.values: dict = {}  # Var -> its value, every scope (Vars are unique across jaxprs)
 
     # ----- values -----
-    def run(self, jaxpr: core.Jaxpr, consts, args, prefix: str = "", site: str = ""):
-        """Emit ``jaxpr``; ``prefix`` and ``site`` (source line) locate the call that inlines it."""
+    def run(self, jaxpr: core.Jaxpr, consts, args, prefix: str = "", site: str = "", outer_vars=()):
+        """Emit ``jaxpr``; ``prefix`` and ``site`` (source line) locate the call that inlines it,
+        whose operands are ``outer_vars``."""
         env: dict = {}
 
         def read(v, lazy=False):
@@ -166,6 +167,9 @@ class _Lowering:
             env[v] = self.values[v] = np.asarray(c) if not isinstance(c, tf.Tensor) else c
         for v, a in zip(jaxpr.invars, args):
             env[v] = self.values[v] = a
+        for v, outer in zip(jaxpr.invars, outer_vars):  # patterns see through the call
+            if outer is not None and outer in self.producers:
+                self.producers[v] = self.producers[outer]
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -242,7 +246,8 @@ class _Lowering:
             resized = self._resize(jaxpr, consts, invals[0], eqn.outvars[0].aval.shape)
             if resized is not None:
                 return [resized]
-        return self.run(jaxpr, consts, invals, self._path(eqn, prefix), self._site(eqn, site))
+        outer = [None if isinstance(v, core.Literal) else v for v in eqn.invars]
+        return self.run(jaxpr, consts, invals, self._path(eqn, prefix), self._site(eqn, site), outer)
 
     @staticmethod
     def _resize(jaxpr, consts, x, out_shape):

@@ -225,3 +225,21 @@ def test_maml_learns_omniglot_5way_1shot(omniglot28):
         params, state, loss, _ = step(params, state, sampler.sample(i), jax.random.PRNGKey(i))
     trained = accuracy(params)
     assert trained > 0.6 and trained > untrained + 0.2, (untrained, trained)
+
+
+def test_layout_aware_matmul_matches_matmul_to_second_order():
+    """``nets.layers.matmul`` only changes how XLA lays out its gradients: the values, gradients
+    and gradients of gradients are those of ``a @ b``, for narrow and wide ``a``."""
+    from fsl_jax.nets.layers import matmul
+
+    def derivatives(mm, a, b):
+        f = lambda a, b: jnp.sum(jnp.sin(mm(a, b)))
+        g = lambda a, b: jnp.sum(jnp.square(jax.grad(f, (0, 1))(a, b)[1]))  # a function of a gradient
+        return mm(a, b), jax.grad(f, (0, 1))(a, b), jax.grad(g, (0, 1))(a, b)
+
+    with jax.enable_x64(True):
+        for k, n in ((3, 8), (8, 3)):
+            a = jax.random.normal(jax.random.PRNGKey(0), (2, 5, k), jnp.float64)
+            b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float64)
+            jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12),
+                         derivatives(matmul, a, b), derivatives(jnp.matmul, a, b))
