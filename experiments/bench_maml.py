@@ -1,11 +1,12 @@
 """Reproduce the README's MAML speed table: ours against the torch.func peer, side by side.
 
     pip install -e ".[bench]"          # torch, for the peer
-    python experiments/bench_maml.py   # about 7 minutes on a 2-core CPU
+    python experiments/bench_maml.py   # about 9 minutes on a 2-core CPU
 
 Runs ``fsl-jax bench maml`` with 10 and with 1 meta-steps per XLA execution
 (``--steps-per-call``, the training loop's ``train.steps_per_call``), the first beside the
-``--peer torch``, for second-order MAML, first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class, 5 inner steps,
+``--peer torch``, and with tasks and inner steps unrolled (``--task-map unroll --unroll-inner``),
+for second-order MAML, first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class, 5 inner steps,
 4 tasks per meta-batch), each in its own process, and writes experiments/results/bench_maml.json
 (the raw JSON lines) and experiments/results/bench_maml.md (the table). Timings are only
 comparable on a quiet machine: the JSON records the load average at the time.
@@ -20,7 +21,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNS = {"MAML, second order": [], "MAML, first order": ["--first-order"], "Reptile": ["--method", "reptile"]}
-PER_CALL = (10, 1)  # meta-steps per XLA execution: the first run also times the peer
+# fsl_jax settings timed for each method: meta-steps per XLA execution (train.steps_per_call),
+# then tasks and inner steps unrolled (task_map: unroll, unroll: true). The first also times the peer.
+SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"],
+            ["--steps-per-call", "10", "--task-map", "unroll", "--unroll-inner"])
 
 
 def bench(extra: list[str], steps: int) -> dict:
@@ -44,8 +48,10 @@ def markdown(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         peer = runs[0]["peer"]
         for r in runs:
-            per_call = r["config"]["steps_per_call"]
-            lines.append(f"| {name} | fsl_jax (JAX {r['config']['task_map']}, {per_call} meta-step{'s' * (per_call > 1)} per call) | "
+            c = r["config"]
+            how = "tasks and inner steps unrolled" if c.get("unroll_inner") else f"JAX {c['task_map']}"
+            calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
+            lines.append(f"| {name} | fsl_jax ({how}, {calls}; compiles in {r['compile_s']:.0f} s) | "
                          f"{r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% | "
                          f"{peer['step_s'] / r['step_s']:.1f}x |")
         r = runs[0]
@@ -65,8 +71,8 @@ def main():
     args = parser.parse_args()
     results = {}
     for name, extra in RUNS.items():
-        results[name] = [bench([*extra, "--steps-per-call", str(n), *(["--peer", "torch"] if i == 0 else [])], args.steps)
-                         for i, n in enumerate(PER_CALL)]
+        results[name] = [bench([*extra, *setting, *(["--peer", "torch"] if i == 0 else [])], args.steps)
+                         for i, setting in enumerate(SETTINGS)]
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

@@ -119,7 +119,8 @@ def maml(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, inne
     first_order: FOMAML. adapted: ``"all"`` or ``"head"`` (ANIL).
     learn_inner_lr: Meta-SGD. batch_stats: ``"query"`` (transductive) or ``"support"``.
     unroll: ``lax.scan`` unrolling of the inner loop.
-    task_map: ``"vmap"`` or ``"map"`` over the task batch; ``None``: the faster on this backend.
+    task_map: ``"vmap"``, ``"map"`` or ``"unroll"`` over the task batch (:func:`fsl_jax.learner.map_tasks`);
+        ``None``: the default for this backend.
     """
     core = _Classifier(backbone, inner_steps, test_inner_steps, inner_lr, adapted, batch_stats, unroll)
 

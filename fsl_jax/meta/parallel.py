@@ -27,15 +27,17 @@ from fsl_jax.errors import ConfigError
 
 AXIS = "tasks"
 
-# Measured with the default `fsl-jax bench maml` config (second-order MAML) on a 2-core CPU,
-# both in one process: lax.map needed about 10% more CPU time per meta-step than vmap (the
-# im2col convolutions make vmap's per-task kernels batched matrix products). Accelerators:
-# vmap, which keeps the device busy where lax.map would run the tasks one at a time.
+# Measured with the default `fsl-jax bench maml` config (second-order MAML) on a 2-core CPU:
+# lax.map needed about 10% more time per meta-step than vmap (the im2col convolutions make
+# vmap's per-task kernels batched matrix products); "unroll" about 8% less than vmap but 1.7x
+# its compilation time (3.5x with the inner loop unrolled too), which every config and test
+# would pay, so it is an option (README: speed). Accelerators: vmap, which keeps the device
+# busy where lax.map would run the tasks one at a time.
 DEFAULT_TASK_MAP = {"cpu": "vmap"}
 
 
 def default_task_map(backend: str | None = None) -> str:
-    """``"vmap"`` or ``"map"``: the faster way to map over tasks on ``backend`` (default: JAX's)."""
+    """The default way to map over tasks on ``backend`` (default: JAX's); see ``DEFAULT_TASK_MAP``."""
     return DEFAULT_TASK_MAP.get(backend or jax.default_backend(), "vmap")
 
 

@@ -34,7 +34,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
     dice_weight: weight of a soft Dice term in the query (outer) loss; the inner loss is
         cross-entropy alone.
     im2col: convolutions as matrix products on CPU (faster with per-task kernels).
-    task_map: "vmap" or "map" over a batch of tasks; None: the faster on this backend.
+    task_map: "vmap", "map" or "unroll" over a batch of tasks (fsl_jax.learner.map_tasks); None: the default here.
     """
     for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
         if steps is not None and (not isinstance(steps, int) or steps < 0):
