@@ -97,24 +97,33 @@ def make_train_steps(learner: Learner, optimiser: optax.GradientTransformation, 
     -> (params, opt_state, losses, metrics)``, jitted; ``batches`` and ``rngs`` have a leading
     axis of steps, and so do ``losses`` and each metric.
 
-    The steps run in a ``lax.scan`` of :func:`make_train_step`'s step. One execution allocates
-    its working memory once for all its steps: on CPU a fresh allocation is paid in page
-    faults on first touch, about a quarter of a MAML meta-step's time when each step is its own
-    execution (``fsl-jax bench maml --steps-per-call``). From the first step whose loss is not
-    finite on, parameters and optimiser state are left unchanged, so what comes back is the
-    last good state, and the loop can save it and stop (losses are still reported).
+    The steps run in a ``lax.scan`` of :func:`make_train_step`'s step (a single step is that
+    step, bit for bit). One execution allocates its working memory once for all its steps: on
+    CPU a fresh allocation is paid in page faults on first touch, about a quarter of a MAML
+    meta-step's time when each step is its own execution (``fsl-jax bench maml
+    --steps-per-call``). But inside XLA:CPU's loop (jaxlib 0.10) ``lax.conv_general_dilated``
+    (``nn.Conv``, ``nn.ConvTranspose``: the U-Nets) runs without its YNNPACK path, 13x slower
+    for the Siamese-U-Net, so those models want one step per call; models on
+    :class:`fsl_jax.nets.layers.Conv` (Conv4 on CPU) do not use it.
+
+    Divergence: from the first step whose loss is not finite on, the state is left unchanged, so
+    a call returns the state after the last good step; if the call's first loss is not finite,
+    the last good state is the one passed in. Losses are reported either way.
     """
     step = make_train_step(learner, optimiser, mesh)
 
+    def body(carry, inputs):
+        params, opt_state, healthy = carry
+        new_params, new_opt_state, loss, metrics = step(params, opt_state, *inputs)
+        healthy = healthy & jnp.isfinite(loss)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
+        return (keep(new_params, params), keep(new_opt_state, opt_state), healthy), (loss, metrics)
+
     @jax.jit
     def steps(params, opt_state, batches, rngs):
-        def body(carry, inputs):
-            params, opt_state, healthy = carry
-            new_params, new_opt_state, loss, metrics = step(params, opt_state, *inputs)
-            healthy = healthy & jnp.isfinite(loss)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, old)
-            return (keep(new_params, params), keep(new_opt_state, opt_state), healthy), (loss, metrics)
-
+        if len(rngs) == 1:
+            params, opt_state, loss, metrics = step(params, opt_state, *jax.tree.map(lambda x: x[0], (batches, rngs)))
+            return params, opt_state, loss[None], jax.tree.map(lambda m: m[None], metrics)
         (params, opt_state, _), (losses, metrics) = jax.lax.scan(body, (params, opt_state, jnp.array(True)),
                                                                  (batches, rngs))
         return params, opt_state, losses, metrics
@@ -234,15 +243,17 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 batches = shard_tasks(batches, mesh, axis=1)
             rngs = jnp.stack([jax.random.fold_in(base_key, step) for step in range(first, last + 1)])
             t1 = time.perf_counter()
+            before = params, opt_state
             params, opt_state, losses, metrics = steps_fn(params, opt_state, batches, rngs)
             losses, metrics = np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()}
             window["sample_s"] += t1 - t0
             window["step_s"] += time.perf_counter() - t1
             for i, loss in enumerate(losses.tolist()):
-                if not math.isfinite(loss):  # params and opt_state are those before this step: keep them, stop
+                if not math.isfinite(loss):  # keep the state before this step, then stop
                     step = first + i
+                    good_params, good_opt_state = before if i == 0 else (params, opt_state)
                     if step - 1 > (manager.latest_step() or 0):
-                        manager.save(step - 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                        manager.save(step - 1, args=ocp.args.StandardSave({"params": good_params, "opt_state": good_opt_state}))
                     raise TrainingDiverged(step, loss, manager.latest_step() if step > 1 else None)
                 window["loss"].append(loss)
                 window["metrics"].append({k: float(v[i]) for k, v in metrics.items()})
