@@ -1,13 +1,13 @@
 """Reproduce the README's MAML speed table: ours against the torch.func peer, side by side.
 
     pip install -e ".[bench]"          # torch, for the peer
-    python experiments/bench_maml.py   # about 9 minutes on a 2-core CPU
+    python experiments/bench_maml.py   # about 7 minutes on a 2-core CPU
 
 Runs ``fsl-jax bench maml`` with 10 and with 1 meta-steps per XLA execution
 (``--steps-per-call``, the training loop's ``train.steps_per_call``), the first beside the
 ``--peer torch``, and with tasks and inner steps unrolled (``--task-map unroll --unroll-inner``),
-for second-order MAML, first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class, 5 inner steps,
-4 tasks per meta-batch), each in its own process, and writes experiments/results/bench_maml.json
+for second-order MAML, first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way
+1-shot, 15 queries per class, 5 inner steps, 4 tasks per meta-batch), each in its own process, and writes experiments/results/bench_maml.json
 (the raw JSON lines) and experiments/results/bench_maml.md (the table). Timings are only
 comparable on a quiet machine: the JSON records the load average at the time.
 """

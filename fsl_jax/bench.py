@@ -35,7 +35,7 @@ def add_arguments(parser) -> None:
 def bench_train(args) -> dict:
     """Sampler episodes/s next to training-step episodes/s for a config: is sampling the bottleneck?"""
     from fsl_jax.config import load_config
-    from fsl_jax.train import Experiment, make_train_steps
+    from fsl_jax.train import Experiment, make_train_steps, steps_per_call
 
     overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides)
@@ -43,7 +43,7 @@ def bench_train(args) -> dict:
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     steps = make_train_steps(experiment.learner, experiment.optimiser)
-    sampler, per_call = experiment.train_sampler, config["train"]["steps_per_call"]
+    sampler, per_call = experiment.train_sampler, steps_per_call(config)
     key = jax.random.PRNGKey(0)
 
     def call(i):

@@ -102,8 +102,8 @@ def make_train_steps(learner: Learner, optimiser: optax.GradientTransformation, 
     CPU a fresh allocation is paid in page faults on first touch, about a quarter of a MAML
     meta-step's time when each step is its own execution (``fsl-jax bench maml
     --steps-per-call``). But inside XLA:CPU's loop (jaxlib 0.10) ``lax.conv_general_dilated``
-    (``nn.Conv``, ``nn.ConvTranspose``: the U-Nets) runs without its YNNPACK path, 13x slower
-    for the Siamese-U-Net, so those models want one step per call; models on
+    (``nn.Conv``, ``nn.ConvTranspose``: the U-Nets) runs without its YNNPACK path, over ten times
+    slower for the Siamese-U-Net, so those models want one step per call; models on
     :class:`fsl_jax.nets.layers.Conv` (Conv4 on CPU) do not use it.
 
     Divergence: from the first step whose loss is not finite on, the state is left unchanged, so
@@ -129,6 +129,14 @@ def make_train_steps(learner: Learner, optimiser: optax.GradientTransformation, 
         return params, opt_state, losses, metrics
 
     return steps
+
+
+def steps_per_call(config: dict) -> int:
+    """The config's ``train.steps_per_call``, checked."""
+    per_call = config["train"]["steps_per_call"]
+    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
+        raise ConfigError(f"train.steps_per_call must be a positive integer, got {per_call!r}")
+    return per_call
 
 
 def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
@@ -198,9 +206,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     if config["train"]["checkpoint_every"] % log_every:
         raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
                           "run logs the same windows as an uninterrupted one")
-    per_call = config["train"]["steps_per_call"]
-    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
-        raise ConfigError(f"train.steps_per_call must be a positive integer, got {per_call!r}")
+    per_call = steps_per_call(config)
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     manager = _checkpoint_manager(run_dir, config)
@@ -230,8 +236,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not progress)
     try:
-        bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not progress)
         first = start + 1
         while first <= end:
             # One call runs steps first..last: at most steps_per_call, never past a log, evaluation or checkpoint.
@@ -271,8 +277,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
             if last % config["train"]["checkpoint_every"] == 0 or last == steps:
                 manager.save(last, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
             first = last + 1
-        bar.close()
     finally:
+        bar.close()
         manager.wait_until_finished()
         manager.close()
     plot_curves(run_dir, experiment.task.score)

@@ -89,7 +89,8 @@ def matmul(a, b):
 
     The kernel gradient of ``a @ b`` contracts the leading axes of ``a`` and of the output
     gradient; written as JAX transposes it, XLA copies the wider of the two into a transposed
-    layout first (the first convolution's [B*H*W, 64] output gradient, 40 ms of a MAML step).
+    layout first (for Conv4's first convolution, its [B*H*W, 64] output gradient:
+    ``experiments/profile_maml.py`` showed that copy among a MAML step's slowest operations).
     :func:`matmul_t` transposes the narrower one instead. Same values as ``a @ b``.
     """
     return a @ b
