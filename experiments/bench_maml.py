@@ -1,30 +1,37 @@
 """Reproduce the README's MAML speed table: ours against the torch.func peer, side by side.
 
     pip install -e ".[bench]"          # torch, for the peer
-    python experiments/bench_maml.py   # about 7 minutes on a 2-core CPU
+    python experiments/bench_maml.py   # about 20 minutes on a 2-core CPU
 
-Runs ``fsl-jax bench maml`` with 10 and with 1 meta-steps per XLA execution
-(``--steps-per-call``, the training loop's ``train.steps_per_call``), the first beside the
-``--peer torch``, and with tasks and inner steps unrolled (``--task-map unroll --unroll-inner``),
-for second-order MAML, first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way
-1-shot, 15 queries per class, 5 inner steps, 4 tasks per meta-batch), each in its own process, and writes experiments/results/bench_maml.json
-(the raw JSON lines) and experiments/results/bench_maml.md (the table). Timings are only
-comparable on a quiet machine: the JSON records the load average at the time.
+Runs ``fsl-jax bench maml`` with the library's defaults at 10 and at 1 meta-steps per XLA
+execution (``--steps-per-call``, the training loop's ``train.steps_per_call``), at 10 with the
+inner loop kept a ``lax.scan`` (``--inner-scan``), and at 10 with the tasks mapped by
+``vmap`` or unrolled (``--task-map``: whichever is not the default), for second-order MAML,
+first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per
+class, 5 inner steps, 4 tasks per meta-batch). Each run is its own process and times the
+``--peer torch`` after fsl_jax, so every speed-up is against the peer timed minutes apart at
+most. Writes experiments/results/bench_maml.json (the raw JSON lines) and
+experiments/results/bench_maml.md (the table). Timings are only comparable on a quiet machine:
+the JSON records the load average and the GEMM speed of each run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from fsl_jax.meta import default_task_map
+
 HERE = Path(__file__).resolve().parent
 RUNS = {"MAML, second order": [], "MAML, first order": ["--first-order"], "Reptile": ["--method", "reptile"]}
-# fsl_jax settings timed for each method: meta-steps per XLA execution (train.steps_per_call),
-# then tasks and inner steps unrolled (task_map: unroll, unroll: true). The first also times the peer.
-SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"],
-            ["--steps-per-call", "10", "--task-map", "unroll", "--unroll-inner"])
+# fsl_jax settings timed for each method: the defaults at 10 and 1 meta-steps per XLA execution
+# (train.steps_per_call), the inner loop as a scan (unroll: 1), the other task map.
+OTHER_MAP = "vmap" if default_task_map("cpu") == "unroll" else "unroll"
+SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"], ["--steps-per-call", "10", "--inner-scan"],
+            ["--steps-per-call", "10", "--task-map", OTHER_MAP])
 
 
 def bench(extra: list[str], steps: int) -> dict:
@@ -42,21 +49,24 @@ def markdown(results: dict[str, list[dict]]) -> str:
              f"{c['queries']} queries per class, {c['inner_steps']} inner steps, {c['tasks']} tasks per meta-step "
              f"({first['backend']}, {first['cpu_count']} cores; float32 2048x2048 GEMM measured in the same process; "
              f"per meta-step: the median of {len(first['step_times_s'])} calls after compilation, each call's time "
-             f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps).", "",
+             f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps, timed "
+             "in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
              "| method | implementation | s / meta-step | tasks / s | GFLOP/s | % of GEMM | speed-up |",
              "|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        peer = runs[0]["peer"]
         for r in runs:
             c = r["config"]
-            how = "tasks and inner steps unrolled" if c.get("unroll_inner") else f"JAX {c['task_map']}"
+            tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
             calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
-            lines.append(f"| {name} | fsl_jax ({how}, {calls}; compiles in {r['compile_s']:.0f} s) | "
-                         f"{r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | {100 * r['gemm_fraction']:.0f}% | "
-                         f"{peer['step_s'] / r['step_s']:.1f}x |")
-        r = runs[0]
-        lines.append(f"| {name} | torch.func peer (torch {peer['torch']}) | {peer['step_s']:.2f} | {peer['tasks_per_s']:.2f} | "
-                     f"{peer['gflops_per_s']:.1f} | {100 * peer['gflops_per_s'] / r['gemm_gflops_per_s']:.0f}% | 1.0x |")
+            lines.append(f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}; compiles in "
+                         f"{r['compile_s']:.0f} s) | {r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
+                         f"{100 * r['gemm_fraction']:.0f}% | {r['speedup_vs_peer']:.1f}x |")
+        peers = [r["peer"] for r in runs]
+        step = statistics.median(p["step_s"] for p in peers)
+        gflops = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
+        lines.append(f"| {name} | torch.func peer (torch {peers[0]['torch']}; median of its {len(peers)} runs) | "
+                     f"{step:.2f} | {runs[0]['config']['tasks'] / step:.2f} | "
+                     f"{statistics.median(p['gflops_per_s'] for p in peers):.1f} | {100 * gflops:.0f}% | 1.0x |")
     runs = [r for rs in results.values() for r in rs]
     gemm = ", ".join(f"{r['gemm_gflops_per_s']:.0f}" for r in runs)
     lines += ["", f"GEMM limit measured in each run: {gemm} GFLOP/s; load average at the end of each run: "
@@ -71,8 +81,7 @@ def main():
     args = parser.parse_args()
     results = {}
     for name, extra in RUNS.items():
-        results[name] = [bench([*extra, *setting, *(["--peer", "torch"] if i == 0 else [])], args.steps)
-                         for i, setting in enumerate(SETTINGS)]
+        results[name] = [bench([*extra, *setting, "--peer", "torch"], args.steps) for setting in SETTINGS]
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

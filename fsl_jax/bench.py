@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
     maml.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
     maml.add_argument("--inner-steps", type=int, default=5)
     maml.add_argument("--task-map", choices=["vmap", "map", "unroll"], help="default: the library's for this backend")
-    maml.add_argument("--unroll-inner", action="store_true", help="unroll the inner loop's lax.scan (method option unroll)")
+    maml.add_argument("--inner-scan", action="store_true",
+                      help="keep the inner loop a lax.scan (method option unroll: 1; default: unrolled, as the learners)")
     maml.add_argument("--steps-per-call", type=int, default=10,
                       help="meta-steps per XLA execution (train.steps_per_call; make_train_steps)")
     maml.add_argument("--peer", choices=["torch"], help="also time benchmarks/peer_torch_maml.py in this run")
@@ -108,14 +109,14 @@ def bench_maml(args) -> dict:
         raise ConfigError(f"--steps must be at least 5, got {args.steps}")
     ways, shots, queries, size, inner_lr = 5, 1, 15, 28, 0.4
     tasks, inner_steps = args.tasks, args.inner_steps
-    backbone = Conv4()
+    backbone, unroll = Conv4(), 1 if args.inner_scan else True
     if args.method == "reptile":
         learner, kind = reptile(backbone, inner_steps, inner_lr=inner_lr, task_map=args.task_map,
-                                unroll=args.unroll_inner), "reptile"
+                                unroll=unroll), "reptile"
     else:
         kind = "first_order" if args.first_order else "second_order"
         learner = maml(backbone, inner_steps, inner_lr=inner_lr, first_order=args.first_order, task_map=args.task_map,
-                       unroll=args.unroll_inner)
+                       unroll=unroll)
     rng = np.random.default_rng(0)
     labels = lambda per: np.tile(np.repeat(np.arange(ways, dtype=np.int32), per), (tasks, 1))
     batch = Episode(rng.random((tasks, ways * shots, size, size, 1), np.float32), labels(shots),
@@ -148,7 +149,7 @@ def bench_maml(args) -> dict:
     result = {"benchmark": "maml", "config": {
         "method": args.method, "order": kind, "backbone": "conv4", "image": [size, size, 1], "ways": ways,
         "shots": shots, "queries": queries, "inner_steps": inner_steps, "inner_lr": inner_lr, "tasks": tasks,
-        "task_map": learner.task_map, "unroll_inner": args.unroll_inner, "steps_per_call": per_call}, "backend": jax.default_backend(), "devices": jax.device_count(),
+        "task_map": learner.task_map, "inner_loop": "scan" if args.inner_scan else "unrolled", "steps_per_call": per_call}, "backend": jax.default_backend(), "devices": jax.device_count(),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
         "tasks_per_s": round(tasks / step_s, 3), "flops_per_step": flops,

@@ -15,7 +15,7 @@ from fsl_jax.meta import adapt, maml, param_mask, reptile
 from fsl_jax.meta.maml import MetaClassifier, softmax_cross_entropy
 from fsl_jax.methods import METHODS
 from fsl_jax.nets import Conv4
-from fsl_jax.nets.layers import Conv, max_pool
+from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
 from fsl_jax.train import make_train_step
 
 TINY = Conv4(width=4, blocks=2)
@@ -198,6 +198,27 @@ def test_conv_and_max_pool_match_flax_layers():
     np.testing.assert_array_equal(max_pool(x), reference(x))
     cotangent = jax.random.normal(jax.random.PRNGKey(2), reference(x).shape)
     np.testing.assert_allclose(jax.vjp(max_pool, x)[1](cotangent)[0], jax.vjp(reference, x)[1](cotangent)[0])
+
+
+def test_conv4_has_no_bias_because_batchnorm_cancels_it():
+    """Conv4's convolutions carry no bias: one before BatchNorm would change nothing, in the
+    batch's own statistics and in recorded ones alike."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 28, 28, 1))
+    params = Conv4().init(jax.random.PRNGKey(1), x)["params"]
+    assert all("bias" not in params[f"conv{i}"] for i in range(4))
+    conv, norm = Conv(8, (3, 3)), BatchNorm()
+    plain = conv.init(jax.random.PRNGKey(2), x)
+    biased = {"params": {**plain["params"], "bias": jnp.linspace(-3.0, 5.0, 8)}}
+    norm_params = {"params": norm.init(jax.random.PRNGKey(3), conv.apply(plain, x))["params"]}
+
+    def recorded(conv_params):  # statistics recorded on x, applied to two of its images
+        _, stats = norm.apply(norm_params, conv.apply(conv_params, x), mutable=["norm_stats"])
+        return norm.apply({**norm_params, **stats}, conv.apply(conv_params, x[:2]))
+
+    own = lambda conv_params: norm.apply(norm_params, conv.apply(conv_params, x))
+    np.testing.assert_allclose(own(biased), own(plain), atol=1e-4)
+    np.testing.assert_allclose(recorded(biased), recorded(plain), atol=1e-4)
+    assert not np.allclose(conv.apply(biased, x), conv.apply(plain, x), atol=1e-2)
 
 
 @pytest.mark.slow

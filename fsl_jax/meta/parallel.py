@@ -27,13 +27,13 @@ from fsl_jax.errors import ConfigError
 
 AXIS = "tasks"
 
-# Measured with the default `fsl-jax bench maml` config (second-order MAML) on a 2-core CPU:
-# lax.map needed about 10% more time per meta-step than vmap (the im2col convolutions make
-# vmap's per-task kernels batched matrix products); "unroll" about 8% less than vmap but 1.7x
-# its compilation time (3.5x with the inner loop unrolled too), which every config and test
-# would pay, so it is an option (README: speed). Accelerators: vmap, which keeps the device
-# busy where lax.map would run the tasks one at a time.
-DEFAULT_TASK_MAP = {"cpu": "vmap"}
+# Measured with the default `fsl-jax bench maml` config (second-order Conv4 MAML) on a 2-core
+# CPU (experiments/bench_maml.py, README: speed): "unroll" (each task traced on its own, the
+# tasks run side by side on XLA's CPU threads) takes about 10-15% less time per meta-step than
+# vmap and lax.map about 10% more, so CPU unrolls; compiling takes 2-2.5x vmap's (tens of seconds,
+# once per run). Accelerators: vmap, which keeps the device busy where lax.map would run the
+# tasks one at a time and unrolling would launch many small kernels.
+DEFAULT_TASK_MAP = {"cpu": "unroll"}
 
 
 def default_task_map(backend: str | None = None) -> str:

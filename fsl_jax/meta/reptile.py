@@ -23,14 +23,14 @@ from fsl_jax.meta.parallel import default_task_map
 
 
 def reptile(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, inner_lr: float = 0.1,
-            adapted: str = "all", batch_stats: str = "query", unroll: int | bool = 1,
+            adapted: str = "all", batch_stats: str = "query", unroll: int | bool = True,
             task_map: str | None = None) -> Learner:
     """Reptile; options as :func:`fsl_jax.meta.maml` (the outer step size is the optimiser's)."""
     core = _Classifier(backbone, inner_steps, test_inner_steps, inner_lr, adapted, batch_stats, unroll)
 
     def task_loss(params, task, rng):
         model = jax.lax.stop_gradient(params["model"])
-        adapted_model = core.adapt(model, task, core.inner_steps, inner_lr, True)
+        adapted_model = core.adapt(model, task, core.inner_steps, inner_lr, True, core.unroll)
         loss, metrics = cross_entropy(core.query_logits(adapted_model, task), task.query_y)
         pull = sum(0.5 * jnp.sum(jnp.square(p - a)) for p, a in
                    zip(jax.tree.leaves(params["model"]), jax.tree.leaves(adapted_model)))

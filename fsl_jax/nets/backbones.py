@@ -12,6 +12,10 @@ from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
 class Conv4(nn.Module):
     """Four blocks of conv3x3 -> BatchNorm -> ReLU -> maxpool2 (Vinyals et al., 2016; Snell et al., 2017).
 
+    The convolutions have no bias: BatchNorm subtracts the mean of its input, which cancels a
+    bias exactly, so it would be a parameter without effect that still costs a pass over the
+    largest activations (and its gradient) in every step.
+
     ``pooled_blocks`` keeps pooling in the first blocks only (the Relation Network's encoder
     pools in two), so the feature map stays large enough for a learned comparison.
     """
@@ -23,7 +27,7 @@ class Conv4(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.blocks):
-            x = Conv(self.width, (3, 3), name=f"conv{i}")(x)
+            x = Conv(self.width, (3, 3), use_bias=False, name=f"conv{i}")(x)
             x = nn.relu(BatchNorm(name=f"norm{i}")(x))
             if i < self.pooled_blocks:
                 x = max_pool(x)

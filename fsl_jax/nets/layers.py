@@ -85,23 +85,22 @@ def _im2col_conv(x, kernel):
 @jax.custom_vjp
 def matmul(a, b):
     """``a @ b`` for ``a`` [..., K] and ``b`` [K, N], whose gradients (of every order) are
-    products that XLA's CPU backend runs without transposing a large operand.
+    products that XLA's CPU backend runs without transposing a large operand needlessly.
 
     The kernel gradient of ``a @ b`` contracts the leading axes of ``a`` and of the output
-    gradient; written as JAX transposes it, XLA copies the wider of the two into a transposed
-    layout first (for Conv4's first convolution, its [B*H*W, 64] output gradient:
-    ``experiments/profile_maml.py`` showed that copy among a MAML step's slowest operations).
-    :func:`matmul_t` transposes the narrower one instead. Same values as ``a @ b``.
+    gradient. Written as JAX's transpose rule writes it, XLA copied the [B*H*W, 64] output
+    gradient of Conv4's first convolution into a transposed layout first
+    (``experiments/profile_maml.py`` showed that copy among a MAML step's slowest operations);
+    :func:`matmul_t` states the contraction directly and leaves the layout to XLA, and the
+    gradients of both call ``matmul`` and ``matmul_t`` again. Same values as ``a @ b``.
     """
     return a @ b
 
 
 @jax.custom_vjp
 def matmul_t(a, c):
-    """``a^T c`` over all leading axes, [..., K] x [..., N] -> [K, N], transposing the narrower operand."""
-    if a.shape[-1] <= c.shape[-1]:
-        return jnp.einsum("...k,...n->kn", a, c)
-    return jnp.einsum("...n,...k->nk", c, a).T
+    """``a^T c`` over all leading axes, [..., K] x [..., N] -> [K, N]."""
+    return jnp.einsum("...k,...n->kn", a, c)
 
 
 matmul.defvjp(lambda a, b: (matmul(a, b), (a, b)),
