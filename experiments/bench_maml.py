@@ -1,12 +1,14 @@
 """Reproduce the README's MAML speed table: ours against the torch.func peer, side by side.
 
     pip install -e ".[bench]"          # torch, for the peer
-    python experiments/bench_maml.py   # about 20 minutes on a 2-core CPU
+    python experiments/bench_maml.py   # about 15 minutes on a 2-core CPU
 
 Runs ``fsl-jax bench maml`` with the library's defaults at 10 and at 1 meta-steps per XLA
 execution (``--steps-per-call``, the training loop's ``train.steps_per_call``), at 10 with the
 inner loop kept a ``lax.scan`` (``--inner-scan``), and at 10 with the tasks mapped by
-``vmap`` or unrolled (``--task-map``: whichever is not the default), for second-order MAML,
+``vmap`` or unrolled (``--task-map``: whichever is not the default), and, where jemalloc is
+installed (``apt install libjemalloc2``), at 1 with both implementations on jemalloc instead of
+glibc's malloc (``LD_PRELOAD``, freed memory kept mapped), for second-order MAML,
 first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per
 class, 5 inner steps, 4 tasks per meta-batch). Each run is its own process and times the
 ``--peer torch`` after fsl_jax, so every speed-up is against the peer timed minutes apart at
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,12 +37,40 @@ SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"], ["--steps-per
             ["--steps-per-call", "10", "--task-map", OTHER_MAP])
 
 
-def bench(extra: list[str], steps: int) -> dict:
+# glibc returns a call's large buffers to the kernel and page-faults them in afresh on the next
+# call; jemalloc with decay off keeps them mapped. Its environment reaches the peer's subprocess too.
+JEMALLOC = next(iter(sorted(Path("/usr/lib").glob("*/libjemalloc.so.2"))), None)
+JEMALLOC_ENV = {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+
+
+def bench(extra: list[str], steps: int, env: dict | None = None) -> dict:
     command = [sys.executable, "-m", "fsl_jax.cli", "bench", "maml", "--steps", str(steps), *extra]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": "jemalloc" if env else "glibc"}
+
+
+def row(name: str, r: dict) -> str:
+    c = r["config"]
+    tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
+    calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
+    malloc = "; jemalloc" if r.get("malloc") == "jemalloc" else ""
+    return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc}; compiles in "
+            f"{r['compile_s']:.0f} s) | {r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
+            f"{100 * r['gemm_fraction']:.0f}% | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
+
+
+def peer_row(name: str, runs: list[dict]) -> str:
+    """The peer's median over the runs beside ``runs`` (speed-ups use each run's own peer)."""
+    peers = [r["peer"] for r in runs]
+    step = statistics.median(p["step_s"] for p in peers)
+    gemm = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
+    malloc = "; jemalloc" if runs[0].get("malloc") == "jemalloc" else ""
+    median = f"median of its {len(peers)} runs" if len(peers) > 1 else "its run"
+    return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {step:.2f} | "
+            f"{runs[0]['config']['tasks'] / step:.2f} | {statistics.median(p['gflops_per_s'] for p in peers):.1f} | "
+            f"{100 * gemm:.0f}% | {round(statistics.median(p['page_faults_per_step'] for p in peers)):,} | 1.0x |")
 
 
 def markdown(results: dict[str, list[dict]]) -> str:
@@ -49,24 +80,15 @@ def markdown(results: dict[str, list[dict]]) -> str:
              f"{c['queries']} queries per class, {c['inner_steps']} inner steps, {c['tasks']} tasks per meta-step "
              f"({first['backend']}, {first['cpu_count']} cores; float32 2048x2048 GEMM measured in the same process; "
              f"per meta-step: the median of {len(first['step_times_s'])} calls after compilation, each call's time "
-             f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps, timed "
-             "in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
-             "| method | implementation | s / meta-step | tasks / s | GFLOP/s | % of GEMM | speed-up |",
-             "|---|---|---|---|---|---|---|"]
+             f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps after "
+             f"{first['peer']['warmup_steps']} untimed ones, timed in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
+             "| method | implementation | s / meta-step | tasks / s | GFLOP/s | % of GEMM | page faults / meta-step | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        for r in runs:
-            c = r["config"]
-            tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
-            calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
-            lines.append(f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}; compiles in "
-                         f"{r['compile_s']:.0f} s) | {r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
-                         f"{100 * r['gemm_fraction']:.0f}% | {r['speedup_vs_peer']:.1f}x |")
-        peers = [r["peer"] for r in runs]
-        step = statistics.median(p["step_s"] for p in peers)
-        gflops = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
-        lines.append(f"| {name} | torch.func peer (torch {peers[0]['torch']}; median of its {len(peers)} runs) | "
-                     f"{step:.2f} | {runs[0]['config']['tasks'] / step:.2f} | "
-                     f"{statistics.median(p['gflops_per_s'] for p in peers):.1f} | {100 * gflops:.0f}% | 1.0x |")
+        for malloc in ("glibc", "jemalloc"):
+            group = [r for r in runs if r.get("malloc", "glibc") == malloc]
+            if group:
+                lines += [row(name, r) for r in group] + [peer_row(name, group)]
     runs = [r for rs in results.values() for r in rs]
     gemm = ", ".join(f"{r['gemm_gflops_per_s']:.0f}" for r in runs)
     lines += ["", f"GEMM limit measured in each run: {gemm} GFLOP/s; load average at the end of each run: "
@@ -82,6 +104,8 @@ def main():
     results = {}
     for name, extra in RUNS.items():
         results[name] = [bench([*extra, *setting, "--peer", "torch"], args.steps) for setting in SETTINGS]
+        if JEMALLOC:
+            results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, JEMALLOC_ENV))
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

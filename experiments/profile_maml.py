@@ -7,8 +7,9 @@ Builds the step of ``fsl-jax bench maml`` (Conv4, 28x28x1, 5-way 1-shot, 15 quer
 XLA operation (``ynn_fusion``: matrix products; ``*_fusion``, ``concatenate``, ``copy``,
 ``wrapped_broadcast``: memory-bound work), per meta-step. The slowest operations are listed
 with their output shape and the JAX operation they came from (the HLO metadata). Writes
-experiments/results/profile_maml.md. Times are summed over threads: on a 2-core CPU their
-total is close to the wall time of a step.
+experiments/results/profile_maml.md. Times are summed over threads: XLA runs unrolled tasks side
+by side, so on a 2-core CPU the total can approach twice the wall time of a step. XLA's cost
+analysis of one meta-step (FLOPs, bytes of memory read and written) heads the table.
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ def main():
     keys = jax.random.split(jax.random.PRNGKey(0), k)
     steps = make_train_steps(learner, optimiser)
     origins = hlo_origins(steps.lower(params, opt_state, batches, keys).compile().as_text())
+    # XLA's cost analysis counts a loop's body once: ask it about a single meta-step
+    one = jax.tree.map(lambda x: x[:1], (batches, keys))
+    cost = steps.lower(params, opt_state, *one).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # one entry per device in older jax
     jax.block_until_ready(steps(params, opt_state, batches, keys))
     with tempfile.TemporaryDirectory() as trace:
         with jax.profiler.trace(trace):
@@ -84,7 +89,9 @@ def main():
         by_kind[re.sub(r"[.\d]+$", "", name)] += ms
     kind = "Reptile" if args.reptile else "first-order MAML" if args.first_order else "second-order MAML"
     lines = [f"{kind}, `fsl-jax bench maml` config, {k} meta-steps per call; ms per meta-step "
-             f"(summed over threads; total {sum(per_op.values()):.0f} ms).", "",
+             f"(summed over threads; total {sum(per_op.values()):.0f} ms). XLA's cost analysis of one "
+             f"meta-step: {cost['flops'] / 1e9:.1f} GFLOP, {cost['bytes accessed'] / 1e9:.2f} GB of memory "
+             "read and written.", "",
              "| operation kind | ms |", "|---|---|"]
     lines += [f"| {name} | {ms:.1f} |" for name, ms in by_kind.most_common(15)]
     lines += ["", "| operation | ms | output | from |", "|---|---|---|---|"]

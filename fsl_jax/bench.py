@@ -65,6 +65,12 @@ def bench_train(args) -> dict:
             "sampler_episodes_per_s": round(sampler.throughput(), 1)}
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far: on CPU, memory that a call touches for the first time."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, *args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -133,12 +139,13 @@ def bench_maml(args) -> dict:
     batches = jax.tree.map(lambda x: np.stack([x] * per_call), batch)
     keys = jax.random.split(jax.random.PRNGKey(0), per_call)
     compile_s = timed(steps, params, opt_state, batches, keys)
-    times = []
+    times, faults = [], page_faults()
     for _ in range(args.steps):
         start = time.perf_counter()
         params, opt_state, losses, _ = steps(params, opt_state, batches, keys)
         jax.block_until_ready((params, losses))
         times.append((time.perf_counter() - start) / per_call)
+    faults = (page_faults() - faults) / (args.steps * per_call)
     step_s = statistics.median(times)
     model = MetaClassifier(backbone, ways)
     model_params = params["model"]
@@ -152,7 +159,7 @@ def bench_maml(args) -> dict:
         "task_map": learner.task_map, "inner_loop": "scan" if args.inner_scan else "unrolled", "steps_per_call": per_call}, "backend": jax.default_backend(), "devices": jax.device_count(),
         "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
-        "tasks_per_s": round(tasks / step_s, 3), "flops_per_step": flops,
+        "tasks_per_s": round(tasks / step_s, 3), "page_faults_per_step": round(faults), "flops_per_step": flops,
         "gflops_per_s": round(flops / step_s / 1e9, 2), "gemm_gflops_per_s": round(gemm, 2),
         "gemm_fraction": round(flops / step_s / 1e9 / gemm, 3)}
     if args.peer:

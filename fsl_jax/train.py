@@ -155,7 +155,21 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
         if step is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint")
         abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))["params"], step
+        return _restore(manager, step, abstract, run_dir)["params"], step
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path):
+    """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ."""
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as error:
+        paths = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        saved, expected = paths(manager.item_metadata(step)["params"]), paths(abstract["params"])
+        if saved == expected:
+            raise
+        raise ConfigError(f"the checkpoint of step {step} in {run_dir} does not fit the model this config builds; "
+                          f"parameters only in the checkpoint: {', '.join(sorted(saved - expected)) or 'none'}; "
+                          f"only in the model: {', '.join(sorted(expected - saved)) or 'none'}") from error
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -213,7 +227,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     start = manager.latest_step() or 0
     if start:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        restored = _restore(manager, start, abstract, run_dir)
         params, opt_state = restored["params"], restored["opt_state"]
     # Records after the checkpoint were written by a run that died later; they will be rewritten.
     metrics_path = run_dir / "metrics.jsonl"

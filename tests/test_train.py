@@ -31,6 +31,9 @@ def test_run_directory_contents(tmp_path):
     assert all(r["episodes_per_s"] > 0 and r["sampler_episodes_per_s"] > 0 for r in records if r["split"] == "train")
     _, step = restore_params(run, Experiment(load_config(run / "config.yaml")))
     assert step == 6
+    # a checkpoint restored into another model is refused with the parameters that differ, not half-loaded
+    with pytest.raises(ConfigError, match=r"only in the checkpoint: .*\['conv0'\]\['kernel'\].*only in the model: .*block0"):
+        restore_params(run, Experiment(load_config(run / "config.yaml", ["backbone=resnet12", "backbone_options={widths: [8, 8, 8, 8]}"])))
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):

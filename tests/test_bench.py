@@ -1,0 +1,27 @@
+"""``fsl-jax bench maml``: the JSON line's figures agree with each other, and bad input is refused."""
+import json
+
+import pytest
+
+from fsl_jax.cli import main
+
+
+def test_bench_maml_json_is_consistent(capsys):
+    args = ["bench", "maml", "--method", "reptile", "--tasks", "1", "--inner-steps", "1",
+            "--steps", "5", "--steps-per-call", "2", "--no-progress"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = result["config"]
+    assert (config["order"], config["tasks"], config["inner_steps"], config["steps_per_call"]) == ("reptile", 1, 1, 2)
+    assert len(result["step_times_s"]) == 5 and min(result["step_times_s"]) <= result["step_s"] <= max(result["step_times_s"])
+    assert result["tasks_per_s"] == pytest.approx(1 / result["step_s"], rel=1e-2)
+    assert result["gflops_per_s"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e9, rel=1e-2)
+    assert result["gemm_fraction"] == pytest.approx(result["gflops_per_s"] / result["gemm_gflops_per_s"], rel=1e-2)
+    assert 0 < result["gemm_fraction"] < 1 and result["page_faults_per_step"] >= 0
+    assert "peer" not in result
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "4"), ("--steps-per-call", "0")])
+def test_bench_maml_refuses_bad_counts(flag, value, capsys):
+    assert main(["bench", "maml", flag, value, "--no-progress"]) == 1
+    assert flag in capsys.readouterr().err
