@@ -39,7 +39,7 @@ SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"], ["--steps-per
 
 # glibc returns a call's large buffers to the kernel and page-faults them in afresh on the next
 # call; jemalloc with decay off keeps them mapped. Its environment reaches the peer's subprocess too.
-JEMALLOC = next(iter(sorted(Path("/usr/lib").glob("*/libjemalloc.so.2"))), None)
+JEMALLOC = min(Path("/usr/lib").glob("*/libjemalloc.so.2"), default=None)
 JEMALLOC_ENV = {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
@@ -55,7 +55,7 @@ def row(name: str, r: dict) -> str:
     c = r["config"]
     tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
     calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
-    malloc = "; jemalloc" if r.get("malloc") == "jemalloc" else ""
+    malloc = "; jemalloc" if r["malloc"] == "jemalloc" else ""
     return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc}; compiles in "
             f"{r['compile_s']:.0f} s) | {r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
             f"{100 * r['gemm_fraction']:.0f}% | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
@@ -66,7 +66,7 @@ def peer_row(name: str, runs: list[dict]) -> str:
     peers = [r["peer"] for r in runs]
     step = statistics.median(p["step_s"] for p in peers)
     gemm = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
-    malloc = "; jemalloc" if runs[0].get("malloc") == "jemalloc" else ""
+    malloc = "; jemalloc" if runs[0]["malloc"] == "jemalloc" else ""
     median = f"median of its {len(peers)} runs" if len(peers) > 1 else "its run"
     return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {step:.2f} | "
             f"{runs[0]['config']['tasks'] / step:.2f} | {statistics.median(p['gflops_per_s'] for p in peers):.1f} | "
@@ -86,7 +86,7 @@ def markdown(results: dict[str, list[dict]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         for malloc in ("glibc", "jemalloc"):
-            group = [r for r in runs if r.get("malloc", "glibc") == malloc]
+            group = [r for r in runs if r["malloc"] == malloc]
             if group:
                 lines += [row(name, r) for r in group] + [peer_row(name, group)]
     runs = [r for rs in results.values() for r in rs]

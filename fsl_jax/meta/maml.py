@@ -119,8 +119,8 @@ def maml(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, inne
     first_order: FOMAML. adapted: ``"all"`` or ``"head"`` (ANIL).
     learn_inner_lr: Meta-SGD. batch_stats: ``"query"`` (transductive) or ``"support"``.
     unroll: ``lax.scan`` unrolling of the training inner loop. Default: all steps, so the
-        meta-gradient needs no per-step stack of intermediates (on CPU a second-order step of
-        ``fsl-jax bench maml`` takes about 12% less time; compiling, about 10% more); ``1`` keeps
+        meta-gradient needs no per-step stack of intermediates (on CPU, a faster meta-step for a
+        longer compile: the README's speed table, ``--inner-scan`` against the default); ``1`` keeps
         a loop, for long inner loops. ``predict``'s loop (no meta-gradient) is never unrolled.
     task_map: ``"vmap"``, ``"map"`` or ``"unroll"`` over the task batch (:func:`fsl_jax.learner.map_tasks`);
         ``None``: the default for this backend.
