@@ -30,9 +30,10 @@ AXIS = "tasks"
 # Measured with the default `fsl-jax bench maml` config (second-order Conv4 MAML) on a 2-core
 # CPU (experiments/bench_maml.py, README: speed): "unroll" (each task traced on its own, the
 # tasks run side by side on XLA's CPU threads) takes less time per meta-step than vmap, so CPU
-# unrolls, for a compilation up to twice as long (tens of seconds, once per run); lax.map, which
-# runs the tasks one after another, was slower than vmap when last measured. Accelerators: vmap, which keeps the device busy where lax.map would run the
-# tasks one at a time and unrolling would launch many small kernels.
+# unrolls, for a compilation up to twice as long (tens of seconds, once per run); lax.map runs
+# the tasks one after another (`fsl-jax bench maml --task-map map` times it). Accelerators: vmap,
+# which keeps the device busy where lax.map would run the tasks one at a time and unrolling would
+# launch many small kernels.
 DEFAULT_TASK_MAP = {"cpu": "unroll"}
 
 
