@@ -139,6 +139,18 @@ def steps_per_call(config: dict) -> int:
     return per_call
 
 
+def config_differences(saved: dict, config: dict, path: str = "") -> list[str]:
+    """``"key: saved value -> new value"`` for each dotted key where two full configs differ."""
+    out = []
+    for key in sorted(saved.keys() | config.keys()):
+        a, b = saved.get(key), config.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{path}{key}.")
+        elif a != b:
+            out.append(f"{path}{key}: {a!r} in the run, {b!r} now")
+    return out
+
+
 def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=config["train"]["keep_checkpoints"], create=True)
     return ocp.CheckpointManager(run_dir.resolve() / "checkpoints", options=options)
@@ -209,18 +221,22 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     stop_after: return after this many steps of this call, as if killed (for tests of resumption).
     """
     run_dir = Path(config["out"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     saved = run_dir / "config.yaml"
-    if saved.exists() and complete(read_yaml(saved.read_text())) != config:
-        raise ConfigError(f"run directory {run_dir} holds a run of a different config; choose another `out`")
-    saved.write_text(yaml.safe_dump(config, sort_keys=False))
-
+    if saved.exists():
+        differences = config_differences(complete(read_yaml(saved.read_text())), config)
+        if differences:
+            raise ConfigError(f"run directory {run_dir} holds a run of a different config ({'; '.join(differences)}); "
+                              "choose another `out`")
+    # Everything a config can get wrong is found before the run directory is written: a corrected
+    # config must not find it claimed by the one that failed.
     experiment = Experiment(config)
     steps, log_every = config["train"]["steps"], config["train"]["log_every"]
     if config["train"]["checkpoint_every"] % log_every:
         raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
                           "run logs the same windows as an uninterrupted one")
     per_call = steps_per_call(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     manager = _checkpoint_manager(run_dir, config)

@@ -10,7 +10,7 @@ import yaml
 
 from fsl_jax.cli import main
 from fsl_jax.config import load_config
-from fsl_jax.errors import ConfigError, TrainingDiverged
+from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.train import Experiment, read_metrics, restore_params, train
 
 TINY = ["episode.ways=5", "episode.queries=5", "backbone_options={width: 16}", "train.steps=6",
@@ -92,8 +92,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, per_call):
 
 def test_a_different_config_cannot_reuse_a_run_directory(tmp_path):
     train(tiny_config(tmp_path), progress=False)
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.001 in the run, 0.01 now\)"):
         train(tiny_config(tmp_path, "optim.lr=0.01"), progress=False)
+
+
+def test_a_config_that_fails_leaves_no_run_directory_behind(tmp_path):
+    """A bad data directory or setting is reported before the run directory is written, so the
+    corrected config can use the same `out`."""
+    with pytest.raises(DataError, match=r"data directory .*nowhere \(from data.dir, --data-dir\)"):
+        train(tiny_config(tmp_path, f"data.dir={tmp_path / 'nowhere'}"), progress=False)
+    with pytest.raises(ConfigError, match="steps_per_call"):
+        train(tiny_config(tmp_path, "train.steps_per_call=0"), progress=False)
+    assert not (tmp_path / "run").exists()
+    assert restore_params(train(tiny_config(tmp_path), progress=False), Experiment(tiny_config(tmp_path)))[1] == 6
 
 
 def test_cli_train_then_eval_prints_json(tmp_path, capsys):

@@ -31,7 +31,7 @@ _PNG = re.compile(r"^(?:[^/]+/)?(?P<alphabet>[^/]+)/(?P<character>character\d+)/
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """Resolve the data root: ``data_dir``, then ``$FSL_JAX_DATA``, then ``../shared/data``."""
-    for candidate, origin in ((data_dir, "--data-dir"), (os.environ.get("FSL_JAX_DATA"), "FSL_JAX_DATA")):
+    for candidate, origin in ((data_dir, "data.dir, --data-dir"), (os.environ.get("FSL_JAX_DATA"), "FSL_JAX_DATA")):
         if candidate:
             path = Path(candidate).expanduser()
             if not path.is_dir():
