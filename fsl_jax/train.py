@@ -139,13 +139,13 @@ def steps_per_call(config: dict) -> int:
     return per_call
 
 
-def config_differences(saved: dict, config: dict, path: str = "") -> list[str]:
-    """``"key: saved value -> new value"`` for each dotted key where two full configs differ."""
+def _config_differences(saved: dict, config: dict, path: str = "") -> list[str]:
+    """``"key: <in the run> in the run, <now> now"`` for each dotted key where two full configs differ."""
     out = []
     for key in sorted(saved.keys() | config.keys()):
         a, b = saved.get(key), config.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{path}{key}.")
+            out += _config_differences(a, b, f"{path}{key}.")
         elif a != b:
             out.append(f"{path}{key}: {a!r} in the run, {b!r} now")
     return out
@@ -223,7 +223,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     run_dir = Path(config["out"])
     saved = run_dir / "config.yaml"
     if saved.exists():
-        differences = config_differences(complete(read_yaml(saved.read_text())), config)
+        differences = _config_differences(complete(read_yaml(saved.read_text())), config)
         if differences:
             raise ConfigError(f"run directory {run_dir} holds a run of a different config ({'; '.join(differences)}); "
                               "choose another `out`")
@@ -235,10 +235,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
                           "run logs the same windows as an uninterrupted one")
     per_call = steps_per_call(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(config, sort_keys=False))
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
     manager = _checkpoint_manager(run_dir, config)
     start = manager.latest_step() or 0
     if start:
