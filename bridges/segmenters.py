@@ -145,22 +145,16 @@ def held_out_seg_support(experiment, examples: int = 8) -> SegSupport:
 def load_support_folder(directory: Path, size: tuple[int, int], queries: np.ndarray) -> SegSupport:
     """Support images ``directory/<n>.jpg`` with masks ``<n>.png`` (the FSS-1000 layout), each of
     exactly ``size`` (height, width) pixels: resizing is left to the user, never done silently."""
-    from PIL import Image
-
-    from fsl_jax.data.fss import read_pair
+    from fsl_jax.data.fss import class_pairs, open_image, read_pair
 
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"support directory {directory} does not exist")
-    files = sorted(directory.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
-    if not files:
-        raise DataError(f"support directory {directory} has no <n>.jpg images (with <n>.png masks)")
     images, masks = [], []
-    for path in files:
-        with Image.open(path) as im:
-            width, height = im.size
-        check_image_size(np.zeros((height, width, 3)), size, f"support image {path}")
-        image, mask = read_pair(path, size[0])
+    for image_path, mask_path in class_pairs(directory):
+        width, height = open_image(image_path).size
+        check_image_size(np.zeros((height, width, 3)), size, f"support image {image_path}")
+        image, mask = read_pair(image_path, mask_path, size[0])
         images.append(image.astype(np.float32) / 255.0)
         masks.append(mask.astype(np.float32))
     return SegSupport(np.stack(images), np.stack(masks), queries, f"support set {directory}")

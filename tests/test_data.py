@@ -52,6 +52,30 @@ def test_corrupt_png_is_named(tmp_path):
         read_zips([path])
 
 
+def test_damaged_zip_member_is_named(tmp_path):
+    path = tmp_path / "images_background_tiny.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for d in range(1, 21):
+            z.writestr(f"images_background_tiny/Alpha/character01/0001_{d:02d}.png",
+                       _png_bytes(np.full((105, 105), 255 - d, np.uint8)))
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"IDAT") + 8  # inside the first member's pixel data: its CRC-32 no longer matches
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"cannot read .*0001_01.png in the Omniglot zip .*tiny.zip"):
+        read_zips([path])
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSL_JAX_CACHE", str(tmp_path / "cache"))
+    chars = load_omniglot(None, 14)
+    [cache] = (tmp_path / "cache").glob("omniglot-*-14.npz")
+    cache.write_bytes(b"not an npz")
+    again = load_omniglot(None, 14)
+    np.testing.assert_array_equal(again.images, chars.images)
+    assert np.load(cache)["images"].shape == chars.images.shape
+
+
 def test_missing_drawers_are_reported(tmp_path):
     good = _png_bytes(np.full((105, 105), 255, np.uint8))
     path = tmp_path / "images_background_tiny.zip"
@@ -67,6 +91,9 @@ def test_data_root_resolution(tmp_path, monkeypatch):
     assert data_root(tmp_path / ".") == tmp_path
     with pytest.raises(DataError, match="does-not-exist.*--data-dir"):
         data_root(tmp_path / "does-not-exist")
+    (tmp_path / "images_background_small1.zip").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file, not the folder that holds the Omniglot zips"):
+        data_root(tmp_path / "images_background_small1.zip")
     monkeypatch.setenv("FSL_JAX_DATA", str(tmp_path / "gone"))
     with pytest.raises(DataError, match="FSL_JAX_DATA"):
         data_root()

@@ -61,6 +61,13 @@ def test_too_few_images_per_class_is_named(fss_root):
 
 
 @pytest.mark.parametrize("case, message", [
+    ("orphan_mask", r"mask .*cat/9.png has no image .*cat/9.jpg"),
+    ("other_file", r"file .*cat/notes.txt has no image"),
+    ("subfolder", r"cat holds a folder, extra"),
+    ("empty_class", r"class folder .*owl holds no <n>.jpg image"),
+    ("sixteen_bit", r"mask .*cat/9.png is a I;16 image"),
+    ("transparent", r"image .*cat/9.jpg has transparent pixels"),
+    ("vanishes", r"mask .*cat/9.png has no foreground pixel left at 12x12"),
     ("mask_size", r"mask .*cat/9.png is 10x8 but its image .*cat/9.jpg is 20x16"),
     ("non_binary", r"mask .*cat/9.png is not binary: it holds values \[128\]"),
     ("empty", r"mask .*cat/9.png is empty"),
@@ -69,20 +76,64 @@ def test_too_few_images_per_class_is_named(fss_root):
 ])
 def test_bad_files_are_named(fss_root, case, message):
     folder = fss_root / "cat"
-    if case == "mask_size":
+    write_pair(folder, 9)
+    if case == "orphan_mask":
+        (folder / "9.jpg").unlink()
+    elif case == "other_file":
+        (folder / "notes.txt").write_text("labels")
+    elif case == "subfolder":
+        (folder / "extra").mkdir()
+    elif case == "empty_class":
+        (fss_root / "owl").mkdir()
+    elif case == "sixteen_bit":  # Pillow would clip 300 and 65535 to 255 on conversion: a binary-looking mask
+        Image.fromarray(np.array([[0, 300] * 10, [65535, 0] * 10] * 8, np.uint16)).save(folder / "9.png")
+    elif case == "transparent":
+        Image.new("RGBA", (20, 16), (200, 0, 0, 0)).save(folder / "9.jpg", format="PNG")
+    elif case == "vanishes":  # a one-pixel object, lost by nearest-neighbour resizing to 12x12
+        mask = np.zeros((16, 20), np.uint8)
+        mask[1, 1] = 255
+        Image.fromarray(mask).save(folder / "9.png")
+    elif case == "mask_size":
         write_pair(folder, 9, mask_size=(10, 8))
     elif case == "non_binary":
         write_pair(folder, 9, mask_values=(0, 128))
     elif case == "empty":
         write_pair(folder, 9, mask_values=(0, 0))
     elif case == "missing_mask":
-        write_pair(folder, 9)
         (folder / "9.png").unlink()
     else:
-        write_pair(folder, 9)
         (folder / "9.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=message):
         load_fss(fss_root, image_size=12)
+
+
+def test_jpeg_suffixes_in_any_case_and_exif_rotation(fss_root):
+    for n in range(1, 5):
+        (fss_root / "bee" / f"{n}.jpg").rename(fss_root / "bee" / f"{n}.JPEG")
+    y, x = np.mgrid[:16, :20]
+    pixels = np.stack([x * 12, y * 15, np.full_like(x, 128)], -1).astype(np.uint8)  # smooth: little JPEG noise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 20 wide, 16 high; shown turned a quarter clockwise: 16 wide, 20 high
+    Image.fromarray(pixels).save(fss_root / "cat" / "9.jpg", exif=exif, quality=100)
+    mask = np.zeros((20, 16), np.uint8)  # drawn on the picture as shown (a mask of the stored 20x16 would be refused)
+    mask[:5] = 255
+    Image.fromarray(mask).save(fss_root / "cat" / "9.png")
+    data = load_fss(fss_root, image_size=12)
+    assert data.classes == ("bee", "cat", "kite", "zebra")
+    np.testing.assert_array_equal(np.bincount(data.labels), [4, 5, 4, 4])
+    shown = data.images[list(data.labels).index(1) + 4].astype(float)  # cat/9, the fifth cat image
+    at_12 = lambda a: np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((12, 12), Image.BILINEAR), float)
+    assert np.abs(shown - at_12(np.rot90(pixels, -1))).mean() < 3 < np.abs(shown - at_12(np.rot90(pixels, 1))).mean()
+
+
+def test_class_split_that_leaves_a_side_empty_is_named(fss_root):
+    data = load_fss(fss_root, image_size=12)
+    with pytest.raises(DataError, match="leaves no training class among the 4 classes"):
+        split_classes(data, ["bee", "cat", "kite", "zebra"])
+    with pytest.raises(DataError, match="leaves no test class among the 3 classes"):
+        split_classes(data.select(["bee", "cat", "kite"]))
+    with pytest.raises(DataError, match="must be a list of class names, got the string 'cat'"):
+        split_classes(data, "cat")
 
 
 def test_masks_of_zero_and_one_are_binary_too(tmp_path):

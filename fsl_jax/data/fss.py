@@ -1,11 +1,15 @@
 """Few-shot segmentation data in the FSS-1000 folder layout (Li et al., CVPR 2020): bring your own classes.
 
-Layout: ``ROOT/<class>/<n>.jpg`` with its binary mask ``ROOT/<class>/<n>.png`` (foreground
-255 or 1, background 0). Every image is checked as it is read: a missing or unreadable
-file, a mask whose size differs from its image, a mask with values other than 0 and
-255 (or 0 and 1), or a mask with no foreground pixel is an error naming the file. Images and
-masks are then resized to ``image_size`` (bilinear and nearest, so masks stay binary): an
-explicit setting, never a silent fix of mismatched files.
+Layout: ``ROOT/<class>/<n>.jpg`` (or ``.jpeg``, any case) with its binary mask
+``ROOT/<class>/<n>.png`` (foreground 255 or 1, background 0). Every file is checked as it is
+read: a missing or unreadable file, a mask without its image, any other file in a class folder
+(``.DS_Store`` and ``Thumbs.db`` aside), an empty class folder, an image with transparent
+pixels, a mask whose size differs from its image, a mask that is not 8-bit or holds values
+other than 0 and 255 (or 0 and 1), or one with no foreground pixel, before or after resizing,
+is an error naming the file. Photos are turned upright by their EXIF orientation, as a viewer
+(and an annotation tool) shows them. Images and masks are then resized to ``image_size``
+(bilinear and nearest, so masks stay binary): an explicit setting, never a silent fix of
+mismatched files.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fsl_jax.data.segmentation import SegEpisode
 from fsl_jax.errors import DataError
@@ -41,21 +45,29 @@ class SegmentationSet:
                                tuple(self.classes[c] for c in keep))
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+IGNORED_FILES = (".DS_Store", "Thumbs.db")
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file read whole and turned upright by its EXIF orientation; unreadable files name themselves."""
     try:
         image = Image.open(path)
         image.load()
     except Exception as err:  # PIL raises several types for broken files
         raise DataError(f"cannot read {path}: {err}") from err
-    return image.convert(mode)
+    return ImageOps.exif_transpose(image)
 
 
-def read_pair(image_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def read_pair(image_path: Path, mask_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """One image and its mask, checked, at ``image_size`` x ``image_size``: (uint8 [S, S, 3], bool [S, S])."""
-    mask_path = image_path.with_suffix(".png")
-    if not mask_path.is_file():
-        raise DataError(f"{image_path} has no mask: {mask_path} is missing")
-    image, mask = _open(image_path, "RGB"), _open(mask_path, "L")
+    image, mask = open_image(image_path), open_image(mask_path)
+    if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
+        raise DataError(f"image {image_path} has transparent pixels (mode {image.mode}); save it without transparency")
+    if mask.mode.startswith(("I", "F")):
+        raise DataError(f"mask {mask_path} is a {mask.mode} image; a mask is 8-bit: 0 for background, 255 or 1 "
+                        "for the object")
+    image, mask = image.convert("RGB"), mask.convert("L")
     if image.size != mask.size:
         raise DataError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
                         f"{image.size[0]}x{image.size[1]}: a mask must have exactly its image's size")
@@ -66,37 +78,67 @@ def read_pair(image_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray
                         "255 or 1 for the object)")
     if values.max() == 0:
         raise DataError(f"mask {mask_path} is empty (no foreground pixel): every image must show its class")
-    image = image.resize((image_size, image_size), Image.BILINEAR)
-    mask = mask.resize((image_size, image_size), Image.NEAREST)
-    return np.asarray(image, np.uint8), np.asarray(mask) > 0
+    image = np.asarray(image.resize((image_size, image_size), Image.BILINEAR), np.uint8)
+    mask = np.asarray(mask.resize((image_size, image_size), Image.NEAREST)) > 0
+    if not mask.any():
+        raise DataError(f"mask {mask_path} has no foreground pixel left at {image_size}x{image_size}: its object "
+                        "is too small or thin for that image_size (raise it, or leave the image out)")
+    return image, mask
+
+
+def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    """The (image, mask) files of one class folder, by image number; any other file is an error."""
+    entries = [p for p in folder.iterdir() if p.name not in IGNORED_FILES]
+    for path in sorted(entries):
+        if path.is_dir():
+            raise DataError(f"{folder} holds a folder, {path.name}: a class folder holds <n>.jpg images and their "
+                            "<n>.png masks only")
+    images = {p.stem: p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in entries if p.suffix.lower() == ".png"}
+    for path in sorted(entries):
+        if path.stem in images and path.stem in masks and path not in (images[path.stem], masks[path.stem]):
+            raise DataError(f"{path} is a second file for image {path.stem} of {folder}")
+        if path.stem not in images:
+            kind = "mask" if path.stem in masks else "file"
+            raise DataError(f"{kind} {path} has no image {folder / path.stem}.jpg: a class folder holds "
+                            "<n>.jpg images and their <n>.png masks only")
+        if path.stem not in masks:
+            raise DataError(f"{path} has no mask: {folder / path.stem}.png is missing")
+    if not images:
+        raise DataError(f"class folder {folder} holds no <n>.jpg image")
+    return [(images[n], masks[n]) for n in sorted(images, key=lambda n: (len(n), n))]
 
 
 def load_fss(root: str | Path, image_size: int = 224) -> SegmentationSet:
     """Every class folder of ``root`` (sorted by name), every ``<n>.jpg`` with its ``<n>.png``."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"FSS data directory {root} does not exist")
+        raise DataError(f"FSS data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
     folders = sorted(p for p in root.iterdir() if p.is_dir())
-    images, masks, labels, classes = [], [], [], []
-    for folder in folders:
-        files = sorted(folder.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
-        if not files:
-            continue
-        for path in files:
-            image, mask = read_pair(path, image_size)
+    if not folders:
+        raise DataError(f"no class folder in {root}: the FSS-1000 layout is ROOT/<class>/<n>.jpg and <n>.png")
+    images, masks, labels = [], [], []
+    for label, folder in enumerate(folders):
+        for image_path, mask_path in class_pairs(folder):
+            image, mask = read_pair(image_path, mask_path, image_size)
             images.append(image)
             masks.append(mask)
-            labels.append(len(classes))
-        classes.append(folder.name)
-    if not classes:
-        raise DataError(f"no class folder with <n>.jpg and <n>.png files in {root}")
-    return SegmentationSet(np.stack(images), np.stack(masks), np.array(labels), tuple(classes))
+            labels.append(label)
+    return SegmentationSet(np.stack(images), np.stack(masks), np.array(labels), tuple(p.name for p in folders))
 
 
 def split_classes(data: SegmentationSet, test_classes=None) -> tuple[SegmentationSet, SegmentationSet]:
     """(train, test) sets with disjoint classes: ``test_classes`` by name, or every fourth class in name order."""
+    if isinstance(test_classes, str):
+        raise DataError(f"test_classes must be a list of class names, got the string {test_classes!r}")
     names = list(test_classes) if test_classes else list(data.classes[3::4])
-    return data.select([c for c in data.classes if c not in set(names)]), data.select(names)
+    train, test = data.select([c for c in data.classes if c not in set(names)]), data.select(names)
+    for side, part in (("training", train), ("test", test)):
+        if not part.classes:
+            raise DataError(f"the class split leaves no {side} class among the {len(data.classes)} classes "
+                            f"{list(data.classes[:10])}: name the test classes (data.test_classes; by default every "
+                            "fourth class is held out, so at least four are needed)")
+    return train, test
 
 
 class SegmentationEpisodes:

@@ -13,6 +13,7 @@ import io
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         if candidate:
             path = Path(candidate).expanduser()
             if not path.is_dir():
-                raise DataError(f"data directory {path} (from {origin}) does not exist")
+                problem = "is a file, not the folder that holds the Omniglot zips" if path.exists() else "does not exist"
+                raise DataError(f"data directory {path} (from {origin}) {problem}")
             return path
     for shared in (Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"):
         if shared.is_dir():
@@ -122,7 +124,11 @@ def read_zips(zips: list[Path]) -> CharacterSet:
                 drawers = chars.setdefault(key, {})
                 drawer = int(match["drawer"])
                 if drawer not in drawers:
-                    drawers[drawer] = _decode_png(archive.read(name), f"{path.name}:{name}")
+                    try:
+                        data = archive.read(name)
+                    except (zipfile.BadZipFile, OSError, zlib.error) as err:
+                        raise DataError(f"cannot read {name} in the Omniglot zip {path}: {err}") from err
+                    drawers[drawer] = _decode_png(data, f"{path.name}:{name}")
     if not chars:
         raise DataError(f"no Omniglot images found in {[str(z) for z in zips]}")
     keys = sorted(chars)
@@ -143,8 +149,11 @@ def load_omniglot(data_dir=None, image_size: int = 28) -> CharacterSet:
     fingerprint = hashlib.sha1(repr([(z.name, z.stat().st_size, z.stat().st_mtime_ns) for z in zips]).encode()).hexdigest()[:16]
     cache = _cache_dir() / f"omniglot-{fingerprint}-{image_size}.npz"
     if cache.exists():
-        with np.load(cache) as f:
-            return CharacterSet(f["images"], tuple(f["alphabets"]), tuple(f["characters"]))
+        try:
+            with np.load(cache) as f:
+                return CharacterSet(f["images"], tuple(f["alphabets"]), tuple(f["characters"]))
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a damaged cache is rebuilt from the zips below
     chars = read_zips(zips).resized(image_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
