@@ -25,14 +25,14 @@ PRECISIONS = ("fp32", "fp16")
 DEFAULT_TARGET = "iOS16"
 
 
-def _target(name: str):
+def deployment_target(name: str):
+    """coremltools' target of that name; an ML Program needs iOS15 / macOS12 or later."""
     import coremltools as ct
 
-    target = getattr(ct.target, name, None)
-    if target is None:
-        known = sorted(n for n in dir(ct.target) if n[0].isalpha())
-        raise ExportError(f"unknown minimum deployment target {name!r}; known: {known}")
-    return target
+    known = [n for n, t in ct.target.__members__.items() if t.value >= ct.target.iOS15.value]
+    if name not in known:
+        raise ExportError(f"unknown minimum deployment target {name!r} for an ML Program; known: {known}")
+    return ct.target.__members__[name]
 
 
 def to_coreml(model: Exportable, path: str | Path | None = None, precision: str = "fp32",
@@ -67,7 +67,7 @@ def to_coreml(model: Exportable, path: str | Path | None = None, precision: str 
         [concrete], source="tensorflow", convert_to="mlprogram", inputs=inputs,
         outputs=[ct.TensorType(name=t.name.split(":")[0], dtype=np.float32) for t in concrete.outputs],
         compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-        minimum_deployment_target=_target(minimum_deployment_target), pass_pipeline=pipeline)
+        minimum_deployment_target=deployment_target(minimum_deployment_target), pass_pipeline=pipeline)
     # TensorFlow names a function's outputs Identity, Identity_1, ...: give them the model's names.
     spec = mlmodel.get_spec()
     for tensor, name in zip(concrete.outputs, model.outputs):

@@ -8,13 +8,14 @@ takes images, since that is what Core ML feeds it).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from bridges.coreml import DEFAULT_TARGET
 from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
     load_class_folders, run_metadata
 from fsl_jax.errors import DataError, ExportError
@@ -27,7 +28,7 @@ PARITY_EXAMPLES = 4  # Core ML inputs are single images: how many the parity che
 def load_run(run: str | Path, data_dir: str | None = None):
     """(config, experiment, params, step) of a trained run; clear errors for a missing run or checkpoint."""
     from fsl_jax.config import load_config
-    from fsl_jax.train import Experiment
+    from fsl_jax.train import Experiment, restore_params
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -38,22 +39,6 @@ def load_run(run: str | Path, data_dir: str | None = None):
     config = load_config(run / "config.yaml", [f"data.dir={data_dir}"] if data_dir else [])
     experiment = Experiment(config)
     return config, experiment, *restore_params(run, experiment)
-
-
-def restore_params(run: Path, experiment):
-    """(parameters, step) of a run's latest checkpoint. The checkpoint's structure comes from
-    ``jax.eval_shape`` of the initialisation: nothing is computed (eager initialisation of a
-    U-Net compiles op by op, tens of seconds on a loaded CPU)."""
-    import orbax.checkpoint as ocp
-
-    def initial_state():
-        params = experiment.init_params()
-        return {"params": params, "opt_state": experiment.optimiser.init(params)}
-
-    abstract = jax.eval_shape(initial_state)
-    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:
-        step = manager.latest_step()
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))["params"], step
 
 
 def build_model(run: str | Path, support: str | Path | None = None, model: str = "auto",
@@ -137,38 +122,62 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "savedmodel" and precision != "fp32":
         raise ExportError("a SavedModel is exported in float32; --precision applies to Core ML")
+    if fmt == "coreml":
+        from bridges.coreml import deployment_target
+
+        deployment_target(target or DEFAULT_TARGET)
+    elif target is not None or image_input:
+        raise ExportError("--target and --image-input apply to Core ML, not to a SavedModel")
     if out is not None:
-        _clear(Path(out), force)
+        _check_out(Path(out), Path(run), force)
     exportable = build_model(run, support, model, data_dir)
     path = Path(out) if out is not None else default_out(Path(run), exportable, fmt, precision)
     if out is None:
-        _clear(path, force)
+        _check_out(path, Path(run), force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the output and moved in place only once exported and checked: a failed
+    # export leaves what was there before untouched, --force or not.
+    partial = path.with_name(f".partial-{path.name}")
+    _remove(partial)
     report = {"output": str(path), "format": fmt, "model": exportable.kind, "precision": precision,
               "inputs": {i.name: [1, *i.shape] for i in exportable.inputs}, "outputs": exportable.outputs}
-    if fmt == "savedmodel":
-        from bridges.savedmodel import to_savedmodel
+    try:
+        if fmt == "savedmodel":
+            from bridges.savedmodel import to_savedmodel
 
-        to_savedmodel(exportable, path)
-    else:
-        from bridges.coreml import DEFAULT_TARGET, to_coreml
-        from bridges.mil import audit
+            to_savedmodel(exportable, partial)
+        else:
+            from bridges.coreml import to_coreml
+            from bridges.mil import audit
 
-        _, graph = to_coreml(exportable, path, precision, target or DEFAULT_TARGET, image_input)
-        found = audit(path)
-        if found.unknown:
-            raise ExportError(f"{path} holds operations that are not MIL operations: {found.unknown}")
-        report["mil_ops"] = found.op_count
-        report["mil_op_types"] = {k: v for k, v in sorted(found.ops.items()) if k != "const"}
-    report["size_mb"] = directory_mb(path)
-    report["parity"] = parity(exportable, path, fmt, image_input, graph if fmt == "coreml" else None)
+            _, graph = to_coreml(exportable, partial, precision, target or DEFAULT_TARGET, image_input)
+            found = audit(partial)
+            if found.unknown:
+                raise ExportError(f"{path} holds operations that are not MIL operations: {found.unknown}")
+            report["mil_ops"] = found.op_count
+            report["mil_op_types"] = {k: v for k, v in sorted(found.ops.items()) if k != "const"}
+        report["size_mb"] = directory_mb(partial)
+        report["parity"] = parity(exportable, partial, fmt, image_input, graph if fmt == "coreml" else None)
+        _remove(path)
+        os.replace(partial, path)
+    finally:
+        _remove(partial)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
 
 
-def _clear(path: Path, force: bool) -> None:
-    """Refuse to overwrite ``path`` unless ``force``; with ``force``, remove it."""
-    if path.exists():
-        if not force:
-            raise ExportError(f"output {path} already exists; pass --force to replace it")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+def _check_out(path: Path, run: Path, force: bool) -> None:
+    """Refuse an output that would replace the run's own files, or an existing one unless ``force``."""
+    target, run_dir = path.resolve(), run.resolve()
+    own = [run_dir / name for name in ("config.yaml", "metrics.jsonl", "checkpoints")]
+    if run_dir.is_relative_to(target) or any(target == p or target.is_relative_to(p) for p in own):
+        raise ExportError(f"output {path} would replace the run {run} itself; choose another --out")
+    if path.exists() and not force:
+        raise ExportError(f"output {path} already exists; pass --force to replace it")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

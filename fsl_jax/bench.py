@@ -38,6 +38,9 @@ def bench_train(args) -> dict:
     from fsl_jax.config import load_config
     from fsl_jax.train import Experiment, make_train_steps, steps_per_call
 
+    if args.steps < 1:
+        from fsl_jax.errors import ConfigError
+        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides)
     experiment = Experiment(config)

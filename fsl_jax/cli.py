@@ -11,13 +11,13 @@ from fsl_jax.errors import FslJaxError
 
 
 def _config_from_run(run: Path, data_dir: str | None) -> dict:
-    from fsl_jax.config import complete, read_yaml
+    from fsl_jax.config import complete, read_config_file
     from fsl_jax.errors import DataError
 
     path = Path(run) / "config.yaml"
     if not path.is_file():
         raise DataError(f"{run} is not a run directory: {path} is missing")
-    config = complete(read_yaml(path.read_text()))
+    config = complete(read_config_file(path))
     if data_dir:
         config["data"]["dir"] = data_dir
     return config
@@ -38,8 +38,20 @@ def cmd_eval(args) -> dict:
     from fsl_jax.errors import ConfigError
     from fsl_jax.train import Experiment, restore_params
 
+    if args.episodes is not None and args.episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1, got {args.episodes}")
+    fixed_set = "--lake-runs" if args.lake_runs else "--episodes-dir" if args.episodes_dir else None
+    sampled = {"--ways": args.ways, "--shots": args.shots, "--queries": args.queries, "--distractors": args.distractors,
+               **({"--episodes": args.episodes} if args.lake_runs else {})}
+    unused = [flag for flag, value in sampled.items() if value is not None]
+    if fixed_set and unused:
+        raise ConfigError(f"{', '.join(unused)} shape sampled episodes; {fixed_set} evaluates a fixed set")
     config = _config_from_run(args.run, args.data_dir)
     experiment = Experiment(config)
+    if args.picture and experiment.task.picture is None:
+        raise ConfigError(f"--picture draws segmentations; {args.run} is a {config['data']['name']} run")
+    if args.episodes_dir and experiment.task.score == "accuracy":
+        raise ConfigError(f"--episodes-dir evaluates segmenters; {args.run} is a {config['data']['name']} run")
     params, step = restore_params(Path(args.run), experiment)
     if args.lake_runs:
         from fsl_jax.data.lake_runs import read_runs
@@ -56,13 +68,16 @@ def cmd_eval(args) -> dict:
         from fsl_jax.data.segmentation import FixedEpisodes, load_episodes
 
         fixed = load_episodes(args.episodes_dir)
+        if args.episodes is not None and args.episodes > fixed.tasks:
+            raise ConfigError(f"--episodes {args.episodes} is more than the {fixed.tasks} episodes in {args.episodes_dir}")
         sampler, described, episodes = FixedEpisodes(fixed, 10), {"episodes_dir": str(args.episodes_dir)}, fixed.tasks
     else:
         sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries,
                                           distractors=args.distractors)
         described, episodes = experiment.task.describe(sampler), config["eval"]["episodes"]
     result = {"run": str(args.run), "step": step, **described,
-              **experiment.evaluate(params, sampler, args.episodes or episodes, progress=not args.no_progress)}
+              **experiment.evaluate(params, sampler, episodes if args.episodes is None else args.episodes,
+                                   progress=not args.no_progress)}
     if experiment.task.picture is not None:
         picture = experiment.task.picture(experiment.learner, params, sampler, args.picture or Path(args.run) / "eval.png")
         result["picture"] = str(picture)

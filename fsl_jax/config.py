@@ -29,8 +29,20 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def read_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+def read_yaml(text: str, source: str = "YAML"):
+    """YAML text read with floats such as ``1e-3`` kept floats; a syntax error is a ConfigError naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from err
+
+
+def read_config_file(path: Path) -> dict:
+    """A config file's mapping (an empty file is an empty mapping)."""
+    config = read_yaml(Path(path).read_text(), f"config file {path}") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got a {type(config).__name__}")
+    return config
 
 DEFAULTS: dict[str, Any] = {
     "name": None,  # run name; defaults to the config file's stem
@@ -155,7 +167,7 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
-    value = read_yaml(raw)
+    value = read_yaml(raw, f"the value of override {item!r}")
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -172,7 +184,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        layers.append(read_yaml(path.read_text()) or {})
+        layers.append(read_config_file(path))
     layers += [parse_override(item) for item in overrides]
     data_name = DEFAULTS["data"]["name"]
     for layer in layers:

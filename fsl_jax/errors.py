@@ -17,13 +17,14 @@ class DataError(FslJaxError, ValueError):
 
 
 class TrainingDiverged(FslJaxError, FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, or the parameters (``loss`` None), became NaN or infinite; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, loss: float, checkpoint_step: int | None):
+    def __init__(self, step: int, loss: float | None, checkpoint_step: int | None):
         self.step, self.loss, self.checkpoint_step = step, loss, checkpoint_step
         kept = (f"the last good checkpoint (step {checkpoint_step}) is kept"
                 if checkpoint_step is not None else "no checkpoint had been written yet")
-        super().__init__(f"loss is {loss} at step {step}: training stopped; {kept}")
+        what = f"loss is {loss} at step {step}" if loss is not None else f"the parameters are not finite after step {step}"
+        super().__init__(f"{what}: training stopped; {kept}")
 
 
 class ExportError(FslJaxError, ValueError):

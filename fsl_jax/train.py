@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import complete, read_yaml
-from fsl_jax.errors import ConfigError, TrainingDiverged
+from fsl_jax.config import complete, read_config_file
+from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
 from fsl_jax.methods import make_learner
@@ -131,6 +131,27 @@ def make_train_steps(learner: Learner, optimiser: optax.GradientTransformation, 
     return steps
 
 
+def _finite(tree) -> bool:
+    """Whether every leaf of a pytree is finite: no checkpoint is written otherwise."""
+    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(tree))
+
+
+def check_schedule(config: dict) -> None:
+    """The counts and the learning rate a training run needs, each named when it is wrong."""
+    for key in ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.every",
+                "eval.curve_episodes", "eval.episodes"):
+        block, name = key.split(".")
+        value = config[block][name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    lr = config["optim"]["lr"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}")
+    if config["train"]["checkpoint_every"] % config["train"]["log_every"]:
+        raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
+                          "run logs the same windows as an uninterrupted one")
+
+
 def steps_per_call(config: dict) -> int:
     """The config's ``train.steps_per_call``, checked."""
     per_call = config["train"]["steps_per_call"]
@@ -167,18 +188,27 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
         if step is None:
             raise FileNotFoundError(f"run {run_dir} has no checkpoint")
         abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
-        return _restore(manager, step, abstract, run_dir)["params"], step
+        params = _restore(manager, step, abstract, run_dir)["params"]
+    if not _finite(params):
+        raise DataError(f"the checkpoint of step {step} in {run_dir} holds parameters that are not finite")
+    return params, step
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path):
     """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ."""
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, OSError) as error:
         paths = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-        saved, expected = paths(manager.item_metadata(step)["params"]), paths(abstract["params"])
-        if saved == expected:
-            raise
+        try:
+            saved = paths(manager.item_metadata(step)["params"])
+        except (ValueError, KeyError, TypeError, OSError):
+            saved = None
+        expected = paths(abstract["params"])
+        if saved is None or saved == expected:
+            raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} cannot be restored into the "
+                            f"model this config builds ({error}): damaged or incomplete, or the config was edited "
+                            "since training") from error
         raise ConfigError(f"the checkpoint of step {step} in {run_dir} does not fit the model this config builds; "
                           f"parameters only in the checkpoint: {', '.join(sorted(saved - expected)) or 'none'}; "
                           f"only in the model: {', '.join(sorted(expected - saved)) or 'none'}") from error
@@ -223,18 +253,17 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     run_dir = Path(config["out"])
     saved = run_dir / "config.yaml"
     if saved.exists():
-        differences = _config_differences(complete(read_yaml(saved.read_text())), config)
+        differences = _config_differences(complete(read_config_file(saved)), config)
         if differences:
             raise ConfigError(f"run directory {run_dir} holds a run of a different config ({'; '.join(differences)}); "
                               "choose another `out`")
     # Everything a config can get wrong is found before the run directory is written: a corrected
     # config must not find it claimed by the one that failed.
+    check_schedule(config)
+    per_call = steps_per_call(config)
     experiment = Experiment(config)
     steps, log_every = config["train"]["steps"], config["train"]["log_every"]
-    if config["train"]["checkpoint_every"] % log_every:
-        raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
-                          "run logs the same windows as an uninterrupted one")
-    per_call = steps_per_call(config)
+    eval_sampler = experiment.eval_sampler()
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +279,6 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     kept = [r for r in read_metrics(run_dir) if r["step"] <= start]
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    eval_sampler = experiment.eval_sampler()
     base_key = jax.random.PRNGKey(config["train"]["seed"])
     sampler = experiment.train_sampler
     # Several devices: each batch's tasks are split over them, when the task count allows.
@@ -288,9 +316,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 if not math.isfinite(loss):  # keep the state before this step, then stop
                     step = first + i
                     good_params, good_opt_state = before if i == 0 else (params, opt_state)
-                    if step - 1 > (manager.latest_step() or 0):
+                    if step - 1 > (manager.latest_step() or 0) and _finite(good_params):
                         manager.save(step - 1, args=ocp.args.StandardSave({"params": good_params, "opt_state": good_opt_state}))
-                    raise TrainingDiverged(step, loss, manager.latest_step() if step > 1 else None)
+                    manager.wait_until_finished()
+                    raise TrainingDiverged(step, loss, manager.latest_step())
                 window["loss"].append(loss)
                 window["metrics"].append({k: float(v[i]) for k, v in metrics.items()})
             bar.update(last - first + 1)
@@ -305,6 +334,9 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
                 log({"step": last, "split": "test", **result})
             if last % config["train"]["checkpoint_every"] == 0 or last == steps:
+                if not _finite(params):  # a finite loss, then an update that broke the parameters
+                    manager.wait_until_finished()
+                    raise TrainingDiverged(last, None, manager.latest_step())
                 manager.save(last, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
             first = last + 1
     finally:

@@ -247,6 +247,38 @@ def test_savedmodel_cli_export(run_dir, tmp_path, capsys):
     assert report["parity"]["savedmodel_vs_jax"] <= LOWERED and (out / "saved_model.pb").is_file()
 
 
+def test_export_never_replaces_the_run_and_a_failed_one_keeps_the_old_output(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import bridges.export
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for out in (run, run / "checkpoints", run / "checkpoints" / "x", run / "config.yaml", tmp_path):
+        with pytest.raises(ExportError, match="would replace the run"):
+            export_run(run, "savedmodel", out=out, force=True)
+    assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir())
+    for bad, message in [({"fmt": "coreml", "target": "iOS13"}, "unknown minimum deployment target 'iOS13'"),
+                         ({"fmt": "coreml", "target": "real"}, "known: .*'iOS15'"),
+                         ({"fmt": "savedmodel", "target": "iOS16"}, "apply to Core ML")]:
+        with pytest.raises(ExportError, match=message):
+            export_run(run, out=tmp_path / "x", **bad)
+    kept = tmp_path / "kept_savedmodel"
+    kept.mkdir()
+    (kept / "note").write_text("an earlier export")
+
+    def failing_parity(*args, **kwargs):
+        raise ExportError("parity failed")
+
+    monkeypatch.setattr(bridges.export, "parity", failing_parity)
+    with pytest.raises(ExportError, match="parity failed"):
+        export_run(run, "savedmodel", out=kept, force=True)
+    assert (kept / "note").read_text() == "an earlier export" and not (tmp_path / ".partial-kept_savedmodel").exists()
+    monkeypatch.undo()
+    assert export_run(run, "savedmodel", out=kept, force=True)["output"] == str(kept)
+    assert (kept / "saved_model.pb").is_file() and not (kept / "note").exists()
+
+
 def test_run_without_checkpoint_is_refused(run_dir, tmp_path):
     empty = tmp_path / "untrained"
     empty.mkdir()

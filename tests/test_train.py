@@ -36,6 +36,17 @@ def test_run_directory_contents(tmp_path):
         restore_params(run, Experiment(load_config(run / "config.yaml", ["backbone=resnet12", "backbone_options={widths: [8, 8, 8, 8]}"])))
 
 
+def test_a_damaged_checkpoint_is_named(tmp_path, capsys):
+    import shutil
+
+    run = train(tiny_config(tmp_path), progress=False)
+    shutil.rmtree(run / "checkpoints" / "6" / "default")
+    with pytest.raises(DataError, match=r"checkpoint of step 6 in .*checkpoints cannot be restored"):
+        restore_params(run, Experiment(tiny_config(tmp_path)))
+    assert main(["export", "--run", str(run), "--format", "savedmodel", "--out", str(tmp_path / "m")]) == 1
+    assert "checkpoint of step 6" in capsys.readouterr().err
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     whole = train(tiny_config(tmp_path, name="whole"), progress=False)
     config = tiny_config(tmp_path, name="killed")
@@ -90,6 +101,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, per_call):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+def test_parameters_that_an_update_breaks_are_never_checkpointed(tmp_path, monkeypatch):
+    """A step whose loss is finite but whose update makes the parameters NaN (here: every update
+    at step 3) is not saved as step 3, and the run stops naming the checkpoint it kept."""
+    import optax
+
+    import fsl_jax.train as train_module
+
+    def poisoned(optim, steps):
+        def update(grads, state, params=None):
+            count = state + 1
+            return jax.tree.map(lambda g: jnp.where(count == 3, jnp.nan, 0.0) * g, grads), count
+        return optax.GradientTransformation(lambda params: jnp.zeros([], jnp.int32), update)
+
+    jnp = jax.numpy
+    monkeypatch.setattr(train_module, "make_optimiser", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"parameters are not finite after step 3: .*checkpoint \(step 2\)"):
+        train(tiny_config(tmp_path, "train.checkpoint_every=1", "eval.every=6"), progress=False)
+    assert restore_params(tmp_path / "run", Experiment(tiny_config(tmp_path)))[1] == 2
+
+
 def test_a_different_config_cannot_reuse_a_run_directory(tmp_path):
     train(tiny_config(tmp_path), progress=False)
     with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.001 in the run, 0.01 now\)"):
@@ -101,8 +132,13 @@ def test_a_config_that_fails_leaves_no_run_directory_behind(tmp_path):
     corrected config can use the same `out`."""
     with pytest.raises(DataError, match=r"data directory .*nowhere \(from data.dir, --data-dir\)"):
         train(tiny_config(tmp_path, f"data.dir={tmp_path / 'nowhere'}"), progress=False)
-    with pytest.raises(ConfigError, match="steps_per_call"):
-        train(tiny_config(tmp_path, "train.steps_per_call=0"), progress=False)
+    for bad, message in [("train.steps_per_call=0", "steps_per_call"), ("eval.every=0", "eval.every must be a positive"),
+                         ("train.keep_checkpoints=0", "keep_checkpoints"), ("train.steps=0", "train.steps"),
+                         ("optim.lr=.nan", "optim.lr must be a positive number, got nan"),
+                         ("eval.ways=500", "ways"), ("train.checkpoint_every=2", "multiple of train.log_every")]:
+        with pytest.raises((ConfigError, DataError), match=message):
+            train(tiny_config(tmp_path, bad, "train.log_every=3" if "checkpoint_every" in bad else "eval.seed=1"),
+                  progress=False)
     assert not (tmp_path / "run").exists()
     assert restore_params(train(tiny_config(tmp_path), progress=False), Experiment(tiny_config(tmp_path)))[1] == 6
 
@@ -126,6 +162,28 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["runs"] == 2 and result["protocol"] == "lake-one-shot"
     assert result["error"] == pytest.approx(1 - result["accuracy"])
+
+    run = str(tmp_path / "run")
+    for args, message in [(["--episodes", "0"], "--episodes must be at least 1, got 0"),
+                          (["--lake-runs", str(tmp_path / "lake"), "--ways", "5", "--episodes", "7"],
+                           "--ways, --episodes shape sampled episodes; --lake-runs evaluates a fixed set"),
+                          (["--episodes-dir", str(tmp_path / "lake")], "--episodes-dir evaluates segmenters"),
+                          (["--picture", str(tmp_path / "p.png")], "--picture draws segmentations")]:
+        assert main(["eval", "--run", run, *args]) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_yaml_errors_name_their_source(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: [protonet\n")
+    assert main(["train", "--config", str(config)]) == 1
+    assert f"config file {config} is not valid YAML" in capsys.readouterr().err
+    config.write_text("- protonet\n")
+    assert main(["train", "--config", str(config)]) == 1
+    assert "must hold a mapping of config keys, got a list" in capsys.readouterr().err
+    config.write_text("method: protonet\n")
+    assert main(["train", "--config", str(config), "--set", "train.steps=[4"]) == 1
+    assert "the value of override 'train.steps=[4' is not valid YAML" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
