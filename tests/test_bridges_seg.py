@@ -169,7 +169,7 @@ def test_support_folder_is_read_and_checked(prototype_model, scenes, tmp_path):
         load_support_folder(write_fss(tmp_path / "big", 64), (48, 48), queries)
     with pytest.raises(DataError, match=r"1\.jpg has no mask: .*1\.png is missing"):
         load_support_folder(write_fss(tmp_path / "unmasked", 48, masks=False), (48, 48), queries)
-    with pytest.raises(DataError, match="has no <n>.jpg images"):
+    with pytest.raises(DataError, match="holds a folder, big: a class folder holds <n>.jpg images"):
         load_support_folder(tmp_path / "ok" / "..", (48, 48), queries)
 
 
