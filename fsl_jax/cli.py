@@ -91,6 +91,8 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_data(args) -> dict:
+    from fsl_jax.errors import ConfigError
+
     if args.action == "download":
         from fsl_jax.data.download import download_omniglot
 
@@ -99,18 +101,54 @@ def cmd_data(args) -> dict:
     from fsl_jax.data.lake_runs import write_runs
     from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, load_omniglot, split
 
+    for flag, value in (("--runs", args.runs), ("--episodes", args.episodes)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     _, held_out = split(load_omniglot(args.data_dir, 105), args.alphabets or DEFAULT_TEST_ALPHABETS)
     if args.action == "cluttered-sets":
         from fsl_jax.data.cluttered import TEST_DRAWERS, ClutteredOmniglot
         from fsl_jax.data.segmentation import collect, save_episodes
 
         out = args.out or Path("runs/cluttered_omniglot")
-        written = {}
-        for level in args.distractors:
-            episodes = collect(ClutteredOmniglot(held_out, (level,), 50, args.seed, TEST_DRAWERS), args.episodes)
-            written[str(level)] = str(save_episodes(episodes, out / f"distractors_{level}"))
-        return {"cluttered_sets": written, "episodes": args.episodes, "alphabets": list(args.alphabets or DEFAULT_TEST_ALPHABETS)}
-    return {"lake_runs": str(write_runs(held_out, args.out or Path("runs/lake_runs"), runs=args.runs, seed=args.seed))}
+        targets = {level: out / f"distractors_{level}" for level in args.distractors}
+        for target in targets.values():
+            _check_target(target, args.force)
+        samplers = {level: ClutteredOmniglot(held_out, (level,), 50, args.seed, TEST_DRAWERS) for level in targets}
+        for level, sampler in samplers.items():
+            _write_directory(targets[level], lambda d: save_episodes(collect(sampler, args.episodes), d))
+        return {"cluttered_sets": {str(k): str(v) for k, v in targets.items()}, "episodes": args.episodes,
+                "alphabets": list(args.alphabets or DEFAULT_TEST_ALPHABETS)}
+    out = args.out or Path("runs/lake_runs")
+    _check_target(out, args.force)
+    return {"lake_runs": str(_write_directory(out, lambda d: write_runs(held_out, d, runs=args.runs, seed=args.seed)))}
+
+
+def _check_target(path: Path, force: bool) -> None:
+    from fsl_jax.errors import DataError
+
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path} is a file, not a directory")
+    if path.exists() and not force:
+        raise DataError(f"{path} already exists; pass --force to replace it")
+
+
+def _write_directory(path: Path, write) -> Path:
+    """``write(directory)`` into a sibling of ``path``, then moved to ``path``: what was there is
+    replaced only once the new directory is whole, and never mixed with it."""
+    import os
+    import shutil
+
+    partial = path.with_name(f".partial-{path.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(partial)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--distractors", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
                       help="cluttered-sets: distractor levels, one set each")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--force", action="store_true", help="replace what --out holds")
     data.set_defaults(func=cmd_data)
 
     export = sub.add_parser("export", help="export a run to a TensorFlow SavedModel or a Core ML .mlpackage")

@@ -54,6 +54,14 @@ def test_cli_trains_and_evaluates_a_cluttered_run(tmp_path, capsys):
 
     assert main(["data", "cluttered-sets", "--out", str(tmp_path / "sets"), "--episodes", "3", "--distractors", "4"]) == 0
     capsys.readouterr()
+    before = (tmp_path / "sets" / "distractors_4" / "query_x.npy").read_bytes()
+    for args, message in [(["--distractors", "4"], "distractors_4 already exists; pass --force"),
+                          (["--distractors", "8", "-1", "--force"], "distractors"),
+                          (["--episodes", "0"], "--episodes must be at least 1")]:
+        assert main(["data", "cluttered-sets", "--out", str(tmp_path / "sets"), "--episodes", "3", *args]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "sets" / "distractors_8").exists()  # no level is written before every level is valid
+    assert (tmp_path / "sets" / "distractors_4" / "query_x.npy").read_bytes() == before
     assert main(["eval", "--run", str(tmp_path / "run"), "--no-progress", "--episodes-dir",
                  str(tmp_path / "sets" / "distractors_4"), "--picture", str(tmp_path / "fixed.png")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

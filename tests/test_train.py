@@ -156,7 +156,11 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
     assert result["ways"] == 3 and result["shots"] == 2 and result["episodes"] == 12
     assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] > 0
 
-    main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "2"])
+    main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "3"])
+    assert main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "2"]) == 1
+    assert "lake already exists; pass --force to replace it" in capsys.readouterr().err
+    assert main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "2", "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "lake").iterdir()) == ["run01", "run02"]  # replaced, not mixed
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "run"), "--lake-runs", str(tmp_path / "lake")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -103,7 +103,10 @@ def load_episodes(directory: str | Path) -> SegEpisode:
         path = directory / f"{field}.npy"
         if not path.is_file():
             raise DataError(f"{path} is missing: a fixed episode set has one .npy file per field {SegEpisode._fields}")
-        arrays[field] = np.load(path)
+        try:
+            arrays[field] = np.load(path)
+        except (ValueError, OSError, EOFError) as err:
+            raise DataError(f"cannot read {path} as a numpy array: {err}") from err
     for field in ("support_x", "query_x"):
         arrays[field] = arrays[field].astype(np.float32) / (255.0 if arrays[field].dtype == np.uint8 else 1.0)
     for field in ("support_mask", "query_mask"):
