@@ -179,8 +179,9 @@ def load_class_folders(directory: Path, image_size: int) -> Support:
     if not directory.is_dir():
         raise DataError(f"support directory {directory} does not exist")
     classes = sorted(p for p in directory.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"support directory {directory} has no class folders (expected {directory}/<class>/*.png)")
+    if len(classes) < 2:
+        raise DataError(f"support directory {directory} has {len(classes)} class folder(s); a classifier needs at "
+                        f"least two ({directory}/<class>/*.png)")
     images, labels = [], []
     for label, folder in enumerate(classes):
         files = sorted(folder.glob("*.png"))

@@ -183,6 +183,8 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
         params = experiment.init_params()
         return {"params": params, "opt_state": experiment.optimiser.init(params)}
 
+    if not (Path(run_dir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"run {run_dir} has no checkpoint")
     with _checkpoint_manager(run_dir, experiment.config) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

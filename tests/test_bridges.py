@@ -311,8 +311,12 @@ def test_support_with_wrong_image_size_names_the_file(run_dir, tmp_path):
     with pytest.raises(DataError, match=r"support image .*a/0\.png is 32x32 but the model takes 28x28"):
         build_model(run_dir, support=support)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="has no class folders"):
+    with pytest.raises(DataError, match="has 0 class folder"):
         build_model(run_dir, support=tmp_path / "empty")
+    import shutil
+    shutil.rmtree(support / "b")  # one class: a classifier that would answer 1.0 whatever it is shown
+    with pytest.raises(DataError, match="has 1 class folder.*needs at least two"):
+        build_model(run_dir, support=support)
 
 
 def test_parity_reports_every_format(classifier, exported):

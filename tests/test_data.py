@@ -112,6 +112,21 @@ def test_checksum_rejects_a_wrong_file_and_keeps_nothing(tmp_path):
     assert not fake.exists()
 
 
+def test_download_without_a_network_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from fsl_jax.data.download import download_omniglot
+
+    def offline(url, path):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(DataError, match=r"cannot download .*images_background.*zip: .*no route to host.*copy the official zips"):
+        download_omniglot(tmp_path)
+    assert not list((tmp_path / "omniglot").iterdir())
+
+
 def test_bundled_zips_are_the_official_ones():
     for path in sorted((data_root() / "omniglot").glob("images_background_small*.zip")):
         verify(path)

@@ -212,3 +212,4 @@ def test_eval_without_checkpoint_is_clear(tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path, name="empty")))
     assert main(["eval", "--run", str(run)]) == 1
     assert "has no checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # nothing created by looking

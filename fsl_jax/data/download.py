@@ -47,7 +47,12 @@ def download_omniglot(data_dir: str | Path, names=tuple(OMNIGLOT_ZIPS)) -> list[
         path = folder / name
         if not path.exists():
             partial = path.with_suffix(".part")
-            urllib.request.urlretrieve(_URL + name, partial)
+            try:
+                urllib.request.urlretrieve(_URL + name, partial)
+            except OSError as err:  # urllib's URLError included
+                partial.unlink(missing_ok=True)
+                raise DataError(f"cannot download {_URL + name}: {err}; without a network, copy the official "
+                                f"zips into {folder}") from err
             os.replace(_checked(partial, name), path)
         else:
             verify(path)

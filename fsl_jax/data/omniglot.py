@@ -79,7 +79,7 @@ class CharacterSet:
         known = set(self.alphabets)
         for name in (alphabets or ()) + tuple(exclude or ()):
             if name not in known:
-                raise DataError(f"unknown alphabet {name!r}; known: {sorted(known)}")
+                raise DataError(f"unknown alphabet {name!r}; known: {sorted(str(a) for a in known)}")
         keep = [i for i, a in enumerate(self.alphabets)
                 if (alphabets is None or a in alphabets) and a not in (exclude or ())]
         return CharacterSet(self.images[keep], tuple(self.alphabets[i] for i in keep),
