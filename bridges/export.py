@@ -8,8 +8,6 @@ takes images, since that is what Core ML feeds it).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from bridges.coreml import DEFAULT_TARGET
 from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
     load_class_folders, run_metadata
 from fsl_jax.errors import DataError, ExportError
+from fsl_jax.outputs import write_replacing
 
 FORMATS = ("savedmodel", "coreml")
 MODELS = ("auto", "embedding")
@@ -33,9 +32,6 @@ def load_run(run: str | Path, data_dir: str | None = None):
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise DataError(f"{run} is not a run directory: {run / 'config.yaml'} is missing")
-    checkpoints = run / "checkpoints"
-    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
-        raise DataError(f"run {run} has no checkpoint in {checkpoints}: train it first (fsl-jax train)")
     config = load_config(run / "config.yaml", [f"data.dir={data_dir}"] if data_dir else [])
     experiment = Experiment(config)
     return config, experiment, *restore_params(run, experiment)
@@ -134,14 +130,11 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
     path = Path(out) if out is not None else default_out(Path(run), exportable, fmt, precision)
     if out is None:
         _check_out(path, Path(run), force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the output and moved in place only once exported and checked: a failed
-    # export leaves what was there before untouched, --force or not.
-    partial = path.with_name(f".partial-{path.name}")
-    _remove(partial)
     report = {"output": str(path), "format": fmt, "model": exportable.kind, "precision": precision,
               "inputs": {i.name: [1, *i.shape] for i in exportable.inputs}, "outputs": exportable.outputs}
-    try:
+
+    def write(partial: Path) -> None:
+        """Export into ``partial`` and check it: only then does it replace what ``path`` holds."""
         if fmt == "savedmodel":
             from bridges.savedmodel import to_savedmodel
 
@@ -158,10 +151,8 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
             report["mil_op_types"] = {k: v for k, v in sorted(found.ops.items()) if k != "const"}
         report["size_mb"] = directory_mb(partial)
         report["parity"] = parity(exportable, partial, fmt, image_input, graph if fmt == "coreml" else None)
-        _remove(path)
-        os.replace(partial, path)
-    finally:
-        _remove(partial)
+
+    write_replacing(path, write)
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report
 
@@ -175,9 +166,3 @@ def _check_out(path: Path, run: Path, force: bool) -> None:
     if path.exists() and not force:
         raise ExportError(f"output {path} already exists; pass --force to replace it")
 
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

@@ -100,6 +100,7 @@ def cmd_data(args) -> dict:
         return {"downloaded": [str(p) for p in paths]}
     from fsl_jax.data.lake_runs import write_runs
     from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, load_omniglot, split
+    from fsl_jax.outputs import write_replacing
 
     for flag, value in (("--runs", args.runs), ("--episodes", args.episodes)):
         if value < 1:
@@ -115,12 +116,13 @@ def cmd_data(args) -> dict:
             _check_target(target, args.force)
         samplers = {level: ClutteredOmniglot(held_out, (level,), 50, args.seed, TEST_DRAWERS) for level in targets}
         for level, sampler in samplers.items():
-            _write_directory(targets[level], lambda d: save_episodes(collect(sampler, args.episodes), d))
+            write_replacing(targets[level], lambda d: save_episodes(collect(sampler, args.episodes), d))
         return {"cluttered_sets": {str(k): str(v) for k, v in targets.items()}, "episodes": args.episodes,
                 "alphabets": list(args.alphabets or DEFAULT_TEST_ALPHABETS)}
     out = args.out or Path("runs/lake_runs")
     _check_target(out, args.force)
-    return {"lake_runs": str(_write_directory(out, lambda d: write_runs(held_out, d, runs=args.runs, seed=args.seed)))}
+    write_replacing(out, lambda d: write_runs(held_out, d, runs=args.runs, seed=args.seed))
+    return {"lake_runs": str(out)}
 
 
 def _check_target(path: Path, force: bool) -> None:
@@ -130,25 +132,6 @@ def _check_target(path: Path, force: bool) -> None:
         raise DataError(f"{path} is a file, not a directory")
     if path.exists() and not force:
         raise DataError(f"{path} already exists; pass --force to replace it")
-
-
-def _write_directory(path: Path, write) -> Path:
-    """``write(directory)`` into a sibling of ``path``, then moved to ``path``: what was there is
-    replaced only once the new directory is whole, and never mixed with it."""
-    import os
-    import shutil
-
-    partial = path.with_name(f".partial-{path.name}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write(partial)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(partial, path)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

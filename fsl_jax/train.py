@@ -183,12 +183,14 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
         params = experiment.init_params()
         return {"params": params, "opt_state": experiment.optimiser.init(params)}
 
-    if not (Path(run_dir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"run {run_dir} has no checkpoint")
+    checkpoints = Path(run_dir) / "checkpoints"
+    missing = DataError(f"run {run_dir} has no checkpoint in {checkpoints}: train it first (fsl-jax train)")
+    if not checkpoints.is_dir():  # looked for, not created
+        raise missing
     with _checkpoint_manager(run_dir, experiment.config) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"run {run_dir} has no checkpoint")
+            raise missing
         abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
         params = _restore(manager, step, abstract, run_dir)["params"]
     if not _finite(params):

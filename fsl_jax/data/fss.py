@@ -88,14 +88,13 @@ def read_pair(image_path: Path, mask_path: Path, image_size: int) -> tuple[np.nd
 
 def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
     """The (image, mask) files of one class folder, by image number; any other file is an error."""
-    entries = [p for p in folder.iterdir() if p.name not in IGNORED_FILES]
-    for path in sorted(entries):
+    entries = sorted(p for p in folder.iterdir() if p.name not in IGNORED_FILES)
+    images = {p.stem: p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in entries if p.suffix.lower() == ".png"}
+    for path in entries:
         if path.is_dir():
             raise DataError(f"{folder} holds a folder, {path.name}: a class folder holds <n>.jpg images and their "
                             "<n>.png masks only")
-    images = {p.stem: p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES}
-    masks = {p.stem: p for p in entries if p.suffix.lower() == ".png"}
-    for path in sorted(entries):
         if path.stem in images and path.stem in masks and path not in (images[path.stem], masks[path.stem]):
             raise DataError(f"{path} is a second file for image {path.stem} of {folder}")
         if path.stem not in images:
