@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +67,12 @@ def test_cli_trains_and_evaluates_a_cluttered_run(tmp_path, capsys):
                  str(tmp_path / "sets" / "distractors_4"), "--picture", str(tmp_path / "fixed.png")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["episodes"] == 3 and set(result["iou_by_distractors"]) == {"4"}
+    fixed = str(tmp_path / "sets" / "distractors_4")
+    assert main(["eval", "--run", str(tmp_path / "run"), "--episodes-dir", fixed, "--episodes", "4"]) == 1
+    assert "--episodes 4 is more than the 3 episodes in" in capsys.readouterr().err
+    (tmp_path / "sets" / "distractors_4" / "classes.npy").write_text("garbage")
+    assert main(["eval", "--run", str(tmp_path / "run"), "--episodes-dir", fixed]) == 1
+    assert re.search(r"cannot read .*classes\.npy as a numpy array", capsys.readouterr().err)
 
 
 @pytest.mark.slow

@@ -199,6 +199,11 @@ def test_cli_errors_are_one_clear_line(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bench_train_needs_a_timed_step(capsys):
+    assert main(["bench", "train", "--config", "experiments/demo/protonet.yaml", "--steps", "0"]) == 1
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_cli_unknown_method_is_named(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("method: maml2\n")
