@@ -36,7 +36,7 @@ def add_arguments(parser) -> None:
 def bench_train(args) -> dict:
     """Sampler episodes/s next to training-step episodes/s for a config: is sampling the bottleneck?"""
     from fsl_jax.config import load_config
-    from fsl_jax.train import Experiment, make_train_steps, steps_per_call
+    from fsl_jax.train import Experiment, make_train_steps
 
     if args.steps < 1:
         from fsl_jax.errors import ConfigError
@@ -47,7 +47,7 @@ def bench_train(args) -> dict:
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     steps = make_train_steps(experiment.learner, experiment.optimiser)
-    sampler, per_call = experiment.train_sampler, steps_per_call(config)
+    sampler, per_call = experiment.train_sampler, config["train"]["steps_per_call"]
     key = jax.random.PRNGKey(0)
 
     def call(i):

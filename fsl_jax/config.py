@@ -1,12 +1,14 @@
 """Experiment configs: YAML files over these defaults, with ``--set key.sub=value`` overrides.
 
-An unknown key anywhere is an error that names it and lists the keys that exist; free-form
-option blocks (``method_options``, ``backbone_options``) are checked against the signature of
-the method or backbone they configure.
+An unknown key anywhere is an error that names it and lists the keys that exist, and a value of
+the wrong type or range is an error that names its key (``check``); free-form option blocks
+(``method_options``, ``backbone_options``) are checked against the signature of the method or
+backbone they configure.
 """
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -162,6 +164,61 @@ def _merge(base: dict, update: dict, path: str = "") -> dict:
     return out
 
 
+# Keys whose default is None take None or a value of this type; every other key takes its default's type.
+OPTIONAL_TYPES = {"name": str, "out": str, "data.dir": str, "data.test_classes": list, "eval.ways": int,
+                  "eval.shots": int, "eval.settings": list, "optim.clip_norm": float}
+# The least value of an integer key (and of a list's integers); every other integer counts something, so is at least 1.
+MINIMUM = {"train.seed": 0, "eval.seed": 0, "optim.warmup_steps": 0, "episode.ways": 2, "eval.ways": 2,
+           "data.distractors": 0, "eval.distractors": 0}
+# The type of a list key's items, where its default is None or empty.
+ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str}
+_KINDS = {bool: "true or false", str: "a string", list: "a list"}
+
+
+def _check_value(key: str, value, kind: type, least: int | None = None) -> None:
+    """``value`` has the ``kind`` and range of ``key``, or a ConfigError names both."""
+    least = MINIMUM.get(key.split("[")[0], 1) if least is None else least
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (number and isinstance(value, int) and value >= least):
+        wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer of at least {least}")
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+    if kind is float and not (number and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    if kind in _KINDS and not isinstance(value, kind):
+        raise ConfigError(f"{key} must be {_KINDS[kind]}, got {value!r}")
+    if key == "eval.settings":
+        for i, item in enumerate(value):
+            if not (isinstance(item, list) and len(item) == 2):
+                raise ConfigError(f"eval.settings[{i}] must be a [ways, shots] pair, got {item!r}")
+            _check_value(f"eval.settings[{i}] ways", item[0], int, least=2)
+            _check_value(f"eval.settings[{i}] shots", item[1], int)
+    elif kind is list:
+        for i, item in enumerate(value):
+            _check_value(f"{key}[{i}]", item, ITEM_TYPES.get(key, int))
+
+
+def check(config: dict) -> dict:
+    """``config``, after checking every value against the type and range of its key (see OPTIONAL_TYPES
+    and MINIMUM); the first wrong one is a ConfigError that names its key."""
+
+    def walk(defaults: dict, values: dict, path: str = "") -> None:
+        for key, default in defaults.items():
+            where, value = f"{path}{key}", values[key]
+            if key in FREE_FORM:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            elif isinstance(default, dict):
+                walk(default, value, where + ".")
+            elif default is None:
+                if value is not None:
+                    _check_value(where, value, OPTIONAL_TYPES[where])
+            else:
+                _check_value(where, value, type(default))
+
+    walk(defaults_for(config["data"]["name"]), config)
+    return config
+
+
 def parse_override(item: str) -> dict:
     """``"a.b=3"`` -> ``{"a": {"b": 3}}`` with the value read as YAML."""
     if "=" not in item:
@@ -195,6 +252,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
         config = _merge(config, layer)
         if i == 0 and path is not None:
             config["name"] = config["name"] or path.stem
+    check(config)
     config["name"] = config["name"] or "run"
     config["out"] = config["out"] or str(Path("runs") / config["name"])
     return config
@@ -203,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> di
 def complete(config: dict) -> dict:
     """A full config saved earlier (a run's ``config.yaml``), with keys added to the defaults
     since then filled in, so runs of an older version still resume and evaluate."""
-    return _merge(defaults_for(config.get("data", {}).get("name", DEFAULTS["data"]["name"])), config)
+    return check(_merge(defaults_for(config.get("data", {}).get("name", DEFAULTS["data"]["name"])), config))
 
 
 def eval_episode(config: dict) -> dict:

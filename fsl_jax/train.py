@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import complete, read_config_file
+from fsl_jax.config import check, complete, read_config_file
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
@@ -137,27 +137,11 @@ def _finite(tree) -> bool:
 
 
 def check_schedule(config: dict) -> None:
-    """The counts and the learning rate a training run needs, each named when it is wrong."""
-    for key in ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.every",
-                "eval.curve_episodes", "eval.episodes"):
-        block, name = key.split(".")
-        value = config[block][name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    lr = config["optim"]["lr"]
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}")
+    """Every value of ``config`` (``fsl_jax.config.check``), and logs that fit the checkpoints."""
+    check(config)
     if config["train"]["checkpoint_every"] % config["train"]["log_every"]:
         raise ConfigError("train.checkpoint_every must be a multiple of train.log_every, so that a resumed "
                           "run logs the same windows as an uninterrupted one")
-
-
-def steps_per_call(config: dict) -> int:
-    """The config's ``train.steps_per_call``, checked."""
-    per_call = config["train"]["steps_per_call"]
-    if not isinstance(per_call, int) or isinstance(per_call, bool) or per_call < 1:
-        raise ConfigError(f"train.steps_per_call must be a positive integer, got {per_call!r}")
-    return per_call
 
 
 def _config_differences(saved: dict, config: dict, path: str = "") -> list[str]:
@@ -264,7 +248,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     # Everything a config can get wrong is found before the run directory is written: a corrected
     # config must not find it claimed by the one that failed.
     check_schedule(config)
-    per_call = steps_per_call(config)
+    per_call = config["train"]["steps_per_call"]
     experiment = Experiment(config)
     steps, log_every = config["train"]["steps"], config["train"]["log_every"]
     eval_sampler = experiment.eval_sampler()

@@ -73,3 +73,39 @@ def test_a_saved_config_missing_newer_keys_is_completed_with_defaults():
     assert complete(old) == full
     with pytest.raises(ConfigError, match="unknown config key 'data.colour'"):
         complete({**full, "data": {**full["data"], "colour": "red"}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("episode.ways=abc", "episode.ways must be an integer of at least 2, got 'abc'"),
+    ("episode.ways=1", "episode.ways must be an integer of at least 2, got 1"),
+    ("episode.shots=2.5", "episode.shots must be a positive integer, got 2.5"),
+    ("data.image_size=0", "data.image_size must be a positive integer, got 0"),
+    ("train.seed=-1", "train.seed must be a non-negative integer, got -1"),
+    ("data.rotations=maybe", "data.rotations must be true or false, got 'maybe'"),
+    ("optim.lr=true", "optim.lr must be a positive number, got True"),
+    ("optim.clip_norm=-1", "optim.clip_norm must be a positive number, got -1"),
+    ("optim.schedule=3", "optim.schedule must be a string, got 3"),
+    ("data.test_alphabets=Latin", "data.test_alphabets must be a list, got 'Latin'"),
+    ("data.test_alphabets=[Latin, 7]", r"data.test_alphabets\[1\] must be a string, got 7"),
+    ("eval.settings=[[5, 1], [20]]", r"eval.settings\[1\] must be a \[ways, shots\] pair, got \[20\]"),
+    ("eval.settings=[[5, 0]]", r"eval.settings\[0\] shots must be a positive integer, got 0"),
+    ("name=7", "name must be a string, got 7"),
+    ("method_options=[1]", "method_options must be a mapping"),
+])
+def test_values_of_the_wrong_type_or_range_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_task_keys_and_saved_configs_are_checked_too():
+    from fsl_jax.config import complete
+
+    with pytest.raises(ConfigError, match=r"data.distractors\[1\] must be a non-negative integer, got -2"):
+        load_config(None, ["data.name=cluttered_omniglot", "data.distractors=[4, -2]"])
+    with pytest.raises(ConfigError, match="data.test_classes must be a list, got 'cats'"):
+        load_config(None, ["data.name=fss", "data.test_classes=cats"])
+    good = load_config(None, ["data.name=cluttered_omniglot", "data.distractors=[0, 4]", "optim.lr=1",
+                              "optim.clip_norm=2"])
+    assert good["data"]["distractors"] == [0, 4] and good["optim"]["lr"] == 1
+    with pytest.raises(ConfigError, match="episode.tasks must be a positive integer, got '8'"):
+        complete({**good, "episode": {"tasks": "8"}})
