@@ -129,6 +129,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
             "name": "fss",
             "dir": None,  # the folder of class folders; else <data root>/fss1000
             "image_size": 224,
+            "resize": "stretch",  # or "pad": keep the aspect ratio (fsl_jax.data.fss)
             "test_classes": None,  # None: every fourth class in name order
         },
         "episode": {"shots": 1, "queries": 1, "tasks": 4},

@@ -181,7 +181,7 @@ def fss(config: dict) -> TaskData:
 
     data, ep, ev = config["data"], config["episode"], config["eval"]
     root = Path(data["dir"]) if data["dir"] else data_root(None) / "fss1000"
-    train, test = split_classes(load_fss(root, data["image_size"]), data["test_classes"])
+    train, test = split_classes(load_fss(root, data["image_size"], data["resize"]), data["test_classes"])
 
     def make_eval(tasks, shots=None, queries=None):
         return SegmentationEpisodes(test, shots or ev["shots"] or ep["shots"], queries or ev["queries"], tasks, ev["seed"])

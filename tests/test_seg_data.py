@@ -9,7 +9,7 @@ from PIL import Image
 
 from fsl_jax.data.fss import SegmentationEpisodes, load_fss, split_classes
 from fsl_jax.data.segmentation import SegEpisode, check_episode
-from fsl_jax.errors import DataError
+from fsl_jax.errors import ConfigError, DataError
 
 
 def write_pair(folder: Path, n: int, size=(20, 16), mask_size=None, mask_values=(0, 255)):
@@ -168,3 +168,35 @@ def test_episode_checks_name_the_bad_input():
     empty[1] = 0
     with pytest.raises(DataError, match="support mask 0 of task 1 is empty"):
         check_episode(episode(support_mask=empty))
+
+
+def test_resize_stretches_or_pads_keeping_the_aspect_ratio(tmp_path):
+    folder = tmp_path / "fss" / "kite"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((10, 20, 3), 200, np.uint8)).save(folder / "1.jpg", quality=100)  # 20 wide, 10 high
+    mask = np.zeros((10, 20), np.uint8)
+    mask[:, 10:] = 255  # the right half
+    Image.fromarray(mask).save(folder / "1.png")
+    stretched = load_fss(tmp_path / "fss", image_size=8)
+    assert stretched.masks[0].sum() == 32 and stretched.masks[0][:, 4:].all()
+    assert np.abs(stretched.images[0].astype(int) - 200).max() <= 2
+    padded = load_fss(tmp_path / "fss", image_size=8, resize="pad")
+    image, mask = padded.images[0].astype(int), padded.masks[0]
+    assert (image[:2] == 0).all() and (image[6:] == 0).all() and np.abs(image[2:6] - 200).max() <= 2
+    assert not mask[:2].any() and not mask[6:].any() and mask[2:6, 4:].all() and not mask[2:6, :4].any()
+    with pytest.raises(ConfigError, match=r"data.resize\) must be one of \['stretch', 'pad'\], got 'crop'"):
+        load_fss(tmp_path / "fss", image_size=8, resize="crop")
+
+
+def test_an_fss_config_loads_the_folder_as_configured(fss_root):
+    from fsl_jax.config import load_config
+    from fsl_jax.tasks import load_task
+
+    config = load_config(None, ["data.name=fss", f"data.dir={fss_root}", "data.image_size=12", "data.resize=pad",
+                                "method=prototype_segmenter", "episode.tasks=2", "eval.episodes=2"])
+    task = load_task(config)
+    batch = task.train_sampler.sample(0)
+    assert task.num_train_classes == 3 and batch.support_x.shape[:2] == (2, 1) and batch.query_x.shape[2:] == (12, 12, 3)
+    # the 20x16 pictures are padded into 12x12: the top and bottom rows are padding (black, background)
+    assert not batch.support_x[:, :, :1].any() and not batch.support_mask[:, :, :1].any() and batch.support_x[:, :, 1].mean() > 0.2
+    assert task.describe(task.eval_sampler(2)) == {"protocol": "fss", "shots": 1, "queries": 1, "classes": 1}

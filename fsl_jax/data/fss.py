@@ -7,9 +7,11 @@ read: a missing or unreadable file, a mask without its image, any other file in 
 pixels, a mask whose size differs from its image, a mask that is not 8-bit or holds values
 other than 0 and 255 (or 0 and 1), or one with no foreground pixel, before or after resizing,
 is an error naming the file. Photos are turned upright by their EXIF orientation, as a viewer
-(and an annotation tool) shows them. Images and masks are then resized to ``image_size``
-(bilinear and nearest, so masks stay binary): an explicit setting, never a silent fix of
-mismatched files.
+(and an annotation tool) shows them. Images and masks are then brought to ``image_size`` square
+(bilinear and nearest, so masks stay binary) as ``resize`` says: ``"stretch"`` scales each side
+on its own (FSS-1000's own images are square, so nothing is distorted); ``"pad"`` keeps the
+aspect ratio, scaling the longer side to ``image_size`` and centring the picture on black, the
+padding marked background. Either is an explicit setting, never a silent fix of mismatched files.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fsl_jax.data.segmentation import SegEpisode
-from fsl_jax.errors import DataError
+from fsl_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class SegmentationSet:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
+RESIZE_MODES = ("stretch", "pad")
 IGNORED_FILES = (".DS_Store", "Thumbs.db")
 
 
@@ -59,7 +62,19 @@ def open_image(path: Path) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def read_pair(image_path: Path, mask_path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _square(picture: Image.Image, size: int, resample, resize: str) -> np.ndarray:
+    """``picture`` at ``size`` x ``size``, stretched or padded (see the module docstring)."""
+    if resize == "stretch":
+        return np.asarray(picture.resize((size, size), resample))
+    scale = size / max(picture.size)
+    width, height = (max(1, round(side * scale)) for side in picture.size)
+    canvas = Image.new(picture.mode, (size, size))
+    canvas.paste(picture.resize((width, height), resample), ((size - width) // 2, (size - height) // 2))
+    return np.asarray(canvas)
+
+
+def read_pair(image_path: Path, mask_path: Path, image_size: int,
+              resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """One image and its mask, checked, at ``image_size`` x ``image_size``: (uint8 [S, S, 3], bool [S, S])."""
     image, mask = open_image(image_path), open_image(mask_path)
     if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
@@ -78,8 +93,8 @@ def read_pair(image_path: Path, mask_path: Path, image_size: int) -> tuple[np.nd
                         "255 or 1 for the object)")
     if values.max() == 0:
         raise DataError(f"mask {mask_path} is empty (no foreground pixel): every image must show its class")
-    image = np.asarray(image.resize((image_size, image_size), Image.BILINEAR), np.uint8)
-    mask = np.asarray(mask.resize((image_size, image_size), Image.NEAREST)) > 0
+    image = _square(image, image_size, Image.BILINEAR, resize).astype(np.uint8)
+    mask = _square(mask, image_size, Image.NEAREST, resize) > 0
     if not mask.any():
         raise DataError(f"mask {mask_path} has no foreground pixel left at {image_size}x{image_size}: its object "
                         "is too small or thin for that image_size (raise it, or leave the image out)")
@@ -108,8 +123,10 @@ def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
     return [(images[n], masks[n]) for n in sorted(images, key=lambda n: (len(n), n))]
 
 
-def load_fss(root: str | Path, image_size: int = 224) -> SegmentationSet:
+def load_fss(root: str | Path, image_size: int = 224, resize: str = "stretch") -> SegmentationSet:
     """Every class folder of ``root`` (sorted by name), every ``<n>.jpg`` with its ``<n>.png``."""
+    if resize not in RESIZE_MODES:
+        raise ConfigError(f"resize (data.resize) must be one of {list(RESIZE_MODES)}, got {resize!r}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"FSS data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
@@ -119,7 +136,7 @@ def load_fss(root: str | Path, image_size: int = 224) -> SegmentationSet:
     images, masks, labels = [], [], []
     for label, folder in enumerate(folders):
         for image_path, mask_path in class_pairs(folder):
-            image, mask = read_pair(image_path, mask_path, image_size)
+            image, mask = read_pair(image_path, mask_path, image_size, resize)
             images.append(image)
             masks.append(mask)
             labels.append(label)
