@@ -191,7 +191,7 @@ def _check_value(key: str, value, kind: type, least: int | None = None) -> None:
         for i, item in enumerate(value):
             if not (isinstance(item, list) and len(item) == 2):
                 raise ConfigError(f"eval.settings[{i}] must be a [ways, shots] pair, got {item!r}")
-            _check_value(f"eval.settings[{i}] ways", item[0], int, least=2)
+            _check_value(f"eval.settings[{i}] ways", item[0], int, least=MINIMUM["eval.ways"])
             _check_value(f"eval.settings[{i}] shots", item[1], int)
     elif kind is list:
         for i, item in enumerate(value):

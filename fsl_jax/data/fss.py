@@ -76,6 +76,8 @@ def _square(picture: Image.Image, size: int, resample, resize: str) -> np.ndarra
 def read_pair(image_path: Path, mask_path: Path, image_size: int,
               resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """One image and its mask, checked, at ``image_size`` x ``image_size``: (uint8 [S, S, 3], bool [S, S])."""
+    if resize not in RESIZE_MODES:
+        raise ConfigError(f"resize (data.resize) must be one of {list(RESIZE_MODES)}, got {resize!r}")
     image, mask = open_image(image_path), open_image(mask_path)
     if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
         raise DataError(f"image {image_path} has transparent pixels (mode {image.mode}); save it without transparency")
@@ -125,8 +127,6 @@ def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 def load_fss(root: str | Path, image_size: int = 224, resize: str = "stretch") -> SegmentationSet:
     """Every class folder of ``root`` (sorted by name), every ``<n>.jpg`` with its ``<n>.png``."""
-    if resize not in RESIZE_MODES:
-        raise ConfigError(f"resize (data.resize) must be one of {list(RESIZE_MODES)}, got {resize!r}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"FSS data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
