@@ -9,6 +9,10 @@ head), same episode shapes, same inner loop. Prints one JSON line.
 
     pip install "fsl_jax[bench]"   # torch
     python benchmarks/peer_torch_maml.py --tasks 4 --inner-steps 5
+    python benchmarks/peer_torch_maml.py --device cuda   # on a GPU (fsl-jax bench passes it there)
+
+On CUDA each step is timed to ``torch.cuda.synchronize()``; torch's defaults are kept (cuDNN
+convolutions in TF32 on Ampere and later, as XLA's default precision for float32 on GPUs).
 """
 from __future__ import annotations
 
@@ -92,32 +96,38 @@ def main(argv=None) -> dict:
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed meta-steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed meta-steps first: torch's first steps are up to 2x slower than its steady state")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     t, n, size = args.tasks, args.ways, args.image_size
-    sx = torch.rand(t, n * args.shots, 1, size, size)
-    qx = torch.rand(t, n * args.queries, 1, size, size)
-    sy = torch.arange(n).repeat_interleave(args.shots).repeat(t, 1)
-    qy = torch.arange(n).repeat_interleave(args.queries).repeat(t, 1)
-    params = init_params(n, image=size)
+    sx = torch.rand(t, n * args.shots, 1, size, size, device=device)
+    qx = torch.rand(t, n * args.queries, 1, size, size, device=device)
+    sy = torch.arange(n, device=device).repeat_interleave(args.shots).repeat(t, 1)
+    qy = torch.arange(n, device=device).repeat_interleave(args.queries).repeat(t, 1)
+    with torch.device(device):
+        params = init_params(n, image=size)
     step = make_step(args.method, args.inner_steps, args.inner_lr, args.first_order, params)
     start = time.perf_counter()
     for _ in range(args.warmup):
         step(sx, sy, qx, qy)
+    sync()
     warmup_s = time.perf_counter() - start
     times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         start = time.perf_counter()
         step(sx, sy, qx, qy)
+        sync()
         times.append(time.perf_counter() - start)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
     step_s = statistics.median(times)
-    result = {"peer": "torch.func", "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"peer": "torch.func", "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "method": args.method, "first_order": args.first_order or args.method == "reptile",
-              "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 3), "step_s": round(step_s, 4), "step_times_s": [round(x, 4) for x in times],
+              "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 3), "step_s": round(step_s, 6), "step_times_s": [round(x, 6) for x in times],
               "tasks_per_s": round(t / step_s, 3), "page_faults_per_step": round(faults)}
     print(json.dumps(result))
     return result

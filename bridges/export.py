@@ -8,12 +8,12 @@ takes images, since that is what Core ML feeds it).
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bridges.coreml import DEFAULT_TARGET
 from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
     load_class_folders, run_metadata
 from fsl_jax.errors import DataError, ExportError
@@ -116,12 +116,17 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
     start = time.perf_counter()
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
+    needed = ("tensorflow", "coremltools") if fmt == "coreml" else ("tensorflow",)
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"exporting to {fmt} needs {' and '.join(missing)}: pip install 'fsl_jax[export]'")
     if fmt == "savedmodel" and precision != "fp32":
         raise ExportError("a SavedModel is exported in float32; --precision applies to Core ML")
     if fmt == "coreml":
-        from bridges.coreml import deployment_target
+        from bridges.coreml import DEFAULT_TARGET, deployment_target
 
-        deployment_target(target or DEFAULT_TARGET)
+        target = target or DEFAULT_TARGET
+        deployment_target(target)
     elif target is not None or image_input:
         raise ExportError("--target and --image-input apply to Core ML, not to a SavedModel")
     if out is not None:
@@ -143,7 +148,7 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
             from bridges.coreml import to_coreml
             from bridges.mil import audit
 
-            _, graph = to_coreml(exportable, partial, precision, target or DEFAULT_TARGET, image_input)
+            _, graph = to_coreml(exportable, partial, precision, target, image_input)
             found = audit(partial)
             if found.unknown:
                 raise ExportError(f"{path} holds operations that are not MIL operations: {found.unknown}")

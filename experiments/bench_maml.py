@@ -13,8 +13,10 @@ first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 q
 class, 5 inner steps, 4 tasks per meta-batch). Each run is its own process and times the
 ``--peer torch`` after fsl_jax, so every speed-up is against the peer timed minutes apart at
 most. Writes experiments/results/bench_maml.json (the raw JSON lines) and
-experiments/results/bench_maml.md (the table). Timings are only comparable on a quiet machine:
-the JSON records the load average and the GEMM speed of each run.
+experiments/results/bench_maml.md (the table); on an accelerator, bench_maml_gpu.json and .md
+(the peer then runs on CUDA). Timings are only comparable on a quiet machine: the JSON records
+the load average and the GEMM speed of each run. ``--defaults-only`` times the library's
+defaults alone, at 10 and 1 meta-steps per call (a short lease on a GPU).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
 
 from fsl_jax.meta import default_task_map
 
@@ -51,14 +55,23 @@ def bench(extra: list[str], steps: int, env: dict | None = None) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": "jemalloc" if env else "glibc"}
 
 
+def short(x: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (GPU steps take milliseconds)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%" if fraction >= 0.01 else f"{100 * fraction:.1g}%"
+
+
 def row(name: str, r: dict) -> str:
     c = r["config"]
     tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
     calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
     malloc = "; jemalloc" if r["malloc"] == "jemalloc" else ""
     return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc}; compiles in "
-            f"{r['compile_s']:.0f} s) | {r['step_s']:.2f} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
-            f"{100 * r['gemm_fraction']:.0f}% | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
+            f"{r['compile_s']:.0f} s) | {short(r['step_s'])} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
+            f"{percent(r['gemm_fraction'])} | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
 
 
 def peer_row(name: str, runs: list[dict]) -> str:
@@ -68,17 +81,18 @@ def peer_row(name: str, runs: list[dict]) -> str:
     gemm = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
     malloc = "; jemalloc" if runs[0]["malloc"] == "jemalloc" else ""
     median = f"median of its {len(peers)} runs" if len(peers) > 1 else "its run"
-    return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {step:.2f} | "
+    return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {short(step)} | "
             f"{runs[0]['config']['tasks'] / step:.2f} | {statistics.median(p['gflops_per_s'] for p in peers):.1f} | "
-            f"{100 * gemm:.0f}% | {round(statistics.median(p['page_faults_per_step'] for p in peers)):,} | 1.0x |")
+            f"{percent(gemm)} | {round(statistics.median(p['page_faults_per_step'] for p in peers)):,} | 1.0x |")
 
 
 def markdown(results: dict[str, list[dict]]) -> str:
     first = next(iter(results.values()))[0]
     c = first["config"]
+    device = f"cpu, {first['cpu_count']} cores" if first["backend"] == "cpu" else f"{first['device']}, default precision"
     lines = [f"Conv4, {c['image'][0]}x{c['image'][1]}x{c['image'][2]}, {c['ways']}-way {c['shots']}-shot, "
              f"{c['queries']} queries per class, {c['inner_steps']} inner steps, {c['tasks']} tasks per meta-step "
-             f"({first['backend']}, {first['cpu_count']} cores; float32 2048x2048 GEMM measured in the same process; "
+             f"({device}; float32 2048x2048 GEMM measured in the same process; "
              f"per meta-step: the median of {len(first['step_times_s'])} calls after compilation, each call's time "
              f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps after "
              f"{first['peer']['warmup_steps']} untimed ones, timed in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
@@ -100,18 +114,21 @@ def markdown(results: dict[str, list[dict]]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=7, help="timed calls per implementation (at least 5)")
+    parser.add_argument("--defaults-only", action="store_true", help="only the defaults, at 10 and 1 meta-steps per call")
     args = parser.parse_args()
+    settings = SETTINGS[:2] if args.defaults_only else SETTINGS
     results = {}
     for name, extra in RUNS.items():
-        results[name] = [bench([*extra, *setting, "--peer", "torch"], args.steps) for setting in SETTINGS]
+        results[name] = [bench([*extra, *setting, "--peer", "torch"], args.steps) for setting in settings]
         if JEMALLOC:
             results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, JEMALLOC_ENV))
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "bench_maml.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "bench_maml.md").write_text(markdown(results))
-    print((out / "bench_maml.md").read_text())
+    stem = "bench_maml" if jax.default_backend() == "cpu" else f"bench_maml_{jax.default_backend()}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

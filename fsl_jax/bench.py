@@ -63,7 +63,7 @@ def bench_train(args) -> dict:
     step_s = statistics.median(times)
     return {"benchmark": "train", "config": config["name"], "method": config["method"],
             "episode": config["episode"], "backend": jax.default_backend(),
-            "steps_per_call": per_call, "compile_s": round(compile_s, 3), "step_s": round(step_s, 5),
+            "steps_per_call": per_call, "compile_s": round(compile_s, 3), "step_s": round(step_s, 6),
             "train_episodes_per_s": round(sampler.tasks / step_s, 2),
             "sampler_episodes_per_s": round(sampler.throughput(), 1)}
 
@@ -89,9 +89,10 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def run_peer(args, inner_lr: float) -> dict:
-    """Run the torch.func peer on the same config in a subprocess; its JSON result."""
+    """Run the torch.func peer on the same config and kind of device in a subprocess; its JSON result."""
     command = [sys.executable, str(PEER), "--method", args.method, "--tasks", str(args.tasks),
-               "--inner-steps", str(args.inner_steps), "--inner-lr", str(inner_lr), "--steps", str(args.steps)]
+               "--inner-steps", str(args.inner_steps), "--inner-lr", str(inner_lr), "--steps", str(args.steps),
+               "--device", "cuda" if jax.default_backend() == "gpu" else "cpu"]
     if args.first_order:
         command.append("--first-order")
     done = subprocess.run(command, capture_output=True, text=True)
@@ -159,9 +160,10 @@ def bench_maml(args) -> dict:
     result = {"benchmark": "maml", "config": {
         "method": args.method, "order": kind, "backbone": "conv4", "image": [size, size, 1], "ways": ways,
         "shots": shots, "queries": queries, "inner_steps": inner_steps, "inner_lr": inner_lr, "tasks": tasks,
-        "task_map": learner.task_map, "inner_loop": "scan" if args.inner_scan else "unrolled", "steps_per_call": per_call}, "backend": jax.default_backend(), "devices": jax.device_count(),
-        "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-        "compile_s": round(compile_s, 2), "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times],
+        "task_map": learner.task_map, "inner_loop": "scan" if args.inner_scan else "unrolled", "steps_per_call": per_call},
+        "jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "compile_s": round(compile_s, 2), "step_s": round(step_s, 6), "step_times_s": [round(t, 6) for t in times],
         "tasks_per_s": round(tasks / step_s, 3), "page_faults_per_step": round(faults), "flops_per_step": flops,
         "gflops_per_s": round(flops / step_s / 1e9, 2), "gemm_gflops_per_s": round(gemm, 2),
         "gemm_fraction": round(flops / step_s / 1e9 / gemm, 3)}

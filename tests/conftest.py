@@ -1,10 +1,20 @@
 """Shared fixtures. Tests read the bundled Omniglot background sets (../shared/data) and never the network."""
 from __future__ import annotations
 
+import os
+
+import jax
 import numpy as np
 import pytest
 
 from fsl_jax.data.omniglot import CharacterSet, load_omniglot
+
+# The tests check the maths in true float32, and GPU reductions in a fixed order (a resumed run
+# repeats the whole one bit for bit). On GPUs XLA's defaults are TF32 products and convolutions
+# (about 1e-3 relative error, looser than the tests' tolerances) and reductions whose order varies;
+# on CPUs neither setting changes anything.
+jax.config.update("jax_default_matmul_precision", "highest")
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
 
 
 @pytest.fixture(scope="session")

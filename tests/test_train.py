@@ -1,7 +1,10 @@
 """The training loop and the CLI end to end on Omniglot: run directories, resumption, divergence, eval."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -43,8 +46,23 @@ def test_a_damaged_checkpoint_is_named(tmp_path, capsys):
     shutil.rmtree(run / "checkpoints" / "6" / "default")
     with pytest.raises(DataError, match=r"checkpoint of step 6 in .*checkpoints cannot be restored"):
         restore_params(run, Experiment(tiny_config(tmp_path)))
-    assert main(["export", "--run", str(run), "--format", "savedmodel", "--out", str(tmp_path / "m")]) == 1
+    assert main(["eval", "--run", str(run), "--episodes", "2", "--no-progress"]) == 1
     assert "checkpoint of step 6" in capsys.readouterr().err
+
+
+def test_only_export_needs_the_export_extra(tmp_path, monkeypatch, capsys):
+    """Without tensorflow and coremltools (the `export` extra) the CLI still builds and its other
+    commands run; export says what to install."""
+    script = ("import sys; sys.modules['tensorflow'] = sys.modules['coremltools'] = None\n"
+              "from fsl_jax.cli import build_parser\n"
+              "print(build_parser().parse_args(['bench', 'maml']).what)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "maml", done.stderr
+    find_spec = importlib.util.find_spec
+    extra = ("tensorflow", "coremltools")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in extra else find_spec(name, *a))
+    assert main(["export", "--run", str(tmp_path), "--format", "coreml"]) == 1
+    assert "exporting to coreml needs tensorflow and coremltools: pip install 'fsl_jax[export]'" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
