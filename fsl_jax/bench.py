@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from fsl_jax.errors import ConfigError
+
 PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_torch_maml.py"
 
 
@@ -39,7 +41,6 @@ def bench_train(args) -> dict:
     from fsl_jax.train import Experiment, make_train_steps
 
     if args.steps < 1:
-        from fsl_jax.errors import ConfigError
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides)
@@ -97,7 +98,6 @@ def run_peer(args, inner_lr: float) -> dict:
         command.append("--first-order")
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-        from fsl_jax.errors import ConfigError
         raise ConfigError(f"the torch peer failed (is the `bench` extra installed? pip install -e '.[bench]'):\n"
                           f"{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -115,8 +115,10 @@ def bench_maml(args) -> dict:
     from fsl_jax.train import make_train_steps
 
     if args.steps < 5:
-        from fsl_jax.errors import ConfigError
         raise ConfigError(f"--steps must be at least 5, got {args.steps}")
+    per_call = args.steps_per_call
+    if per_call < 1:
+        raise ConfigError(f"--steps-per-call must be at least 1, got {per_call}")
     ways, shots, queries, size, inner_lr = 5, 1, 15, 28, 0.4
     tasks, inner_steps = args.tasks, args.inner_steps
     backbone, unroll = Conv4(), 1 if args.inner_scan else True
@@ -135,10 +137,6 @@ def bench_maml(args) -> dict:
     optimiser = optax.adam(1e-3)
     params = learner.init(jax.random.PRNGKey(0), first_task(batch))
     opt_state = optimiser.init(params)
-    per_call = args.steps_per_call
-    if per_call < 1:
-        from fsl_jax.errors import ConfigError
-        raise ConfigError(f"--steps-per-call must be at least 1, got {per_call}")
     steps = make_train_steps(learner, optimiser)
     batches = jax.tree.map(lambda x: np.stack([x] * per_call), batch)
     keys = jax.random.split(jax.random.PRNGKey(0), per_call)
