@@ -119,6 +119,8 @@ def bench_maml(args) -> dict:
     per_call = args.steps_per_call
     if per_call < 1:
         raise ConfigError(f"--steps-per-call must be at least 1, got {per_call}")
+    if args.tasks < 1:
+        raise ConfigError(f"--tasks must be at least 1, got {args.tasks}")
     ways, shots, queries, size, inner_lr = 5, 1, 15, 28, 0.4
     tasks, inner_steps = args.tasks, args.inner_steps
     backbone, unroll = Conv4(), 1 if args.inner_scan else True

@@ -1,5 +1,7 @@
 """Errors raised on bad input. Each names the input that caused it."""
 
+import math
+
 
 class FslJaxError(Exception):
     """Base class for every error this library raises on bad input."""
@@ -29,3 +31,10 @@ class TrainingDiverged(FslJaxError, FloatingPointError):
 
 class ExportError(FslJaxError, ValueError):
     """A model that cannot be exported as asked (an unsupported operation, an output that exists)."""
+
+
+def check_positive(name: str, value) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is a finite number above zero (a learning rate, say)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")

@@ -95,6 +95,9 @@ def test_adapt_rejects_bad_options_by_name():
         maml(TINY, batch_stats="running")
     with pytest.raises(ConfigError, match="test_inner_steps"):
         reptile(TINY, test_inner_steps=-2)
+    for bad in (-0.4, 0, float("nan"), "0.4"):
+        with pytest.raises(ConfigError, match="inner_lr must be a positive number"):
+            maml(TINY, inner_lr=bad)
 
 
 def test_anil_adapts_the_head_only_but_meta_learns_the_body():
@@ -219,6 +222,35 @@ def test_conv4_has_no_bias_because_batchnorm_cancels_it():
     np.testing.assert_allclose(own(biased), own(plain), atol=1e-4)
     np.testing.assert_allclose(recorded(biased), recorded(plain), atol=1e-4)
     assert not np.allclose(conv.apply(biased, x), conv.apply(plain, x), atol=1e-2)
+
+
+def test_im2col_false_gives_forward_mode_through_the_same_model():
+    """``im2col=False`` (XLA's convolutions) has the default backbone's parameters and values, and
+    forward mode: its forward-over-reverse Hessian-vector product of the second-order MAML loss
+    equals the default model's reverse-over-reverse one (float64), which checks the im2col
+    products' custom second derivatives too. The default model has no forward mode on CPU."""
+    with jax.enable_x64(True):
+        task = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, first_task(random_batch()))
+        learners = {im2col: maml(Conv4(width=4, blocks=2, im2col=im2col), inner_steps=1, inner_lr=0.1)
+                    for im2col in (True, False)}
+        params = learners[True].init(jax.random.PRNGKey(0), task)
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, learners[False].init(jax.random.PRNGKey(0), task), params))
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        direction = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), params)
+        grad = {im2col: jax.grad(lambda p, l=learner: l.task_loss(p, task, None)[0]) for im2col, learner in learners.items()}
+
+        def reverse_over_reverse(p, v):
+            g, pullback = jax.vjp(grad[True], p)
+            return g, pullback(v)[0]  # v^T H = H v: the Hessian is symmetric
+
+        forward = jax.jit(lambda p, v: jax.jvp(grad[False], (p,), (v,)))(params, direction)
+        reverse = jax.jit(reverse_over_reverse)(params, direction)
+        for ours, reference in zip(forward, reverse):  # the meta-gradients, then the Hessian-vector products
+            np.testing.assert_allclose(flat(ours), flat(reference), rtol=1e-8)
+            assert float(jnp.linalg.norm(flat(reference))) > 1e-3
+        if jax.default_backend() == "cpu":
+            with pytest.raises(TypeError, match="forward-mode"):
+                jax.jvp(grad[True], (params,), (direction,))
 
 
 @pytest.mark.slow

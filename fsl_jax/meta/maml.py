@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.errors import ConfigError
+from fsl_jax.errors import ConfigError, check_positive
 from fsl_jax.learner import Learner, cross_entropy
 from fsl_jax.meta.adapt import adapt, param_mask
 from fsl_jax.meta.parallel import default_task_map
@@ -69,6 +69,7 @@ class _Classifier:
         for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
             if steps is not None and (not isinstance(steps, int) or steps < 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
+        check_positive("inner_lr", inner_lr)
         self.backbone, self.inner_lr, self.adapted, self.batch_stats = backbone, inner_lr, adapted, batch_stats
         self.inner_steps = inner_steps
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps

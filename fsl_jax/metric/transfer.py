@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
+from fsl_jax.errors import check_positive
 from fsl_jax.learner import Learner, cross_entropy
 from fsl_jax.metric.common import embed_task, one_hot_support
 
@@ -34,6 +35,7 @@ def transfer(backbone, num_train_classes: int, head_steps: int = 100, head_lr: f
     """Training is plain classification of every episode image into the ``num_train_classes``
     base classes; prediction freezes the features (unit-normalised) and fits a new linear head
     on the support set only."""
+    check_positive("head_lr", head_lr)
     classifier = nn.Dense(num_train_classes)
 
     def init(rng, task):

@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from fsl_jax.nets.decoders import UNet
-from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
+from fsl_jax.nets.layers import BatchNorm, conv, max_pool
 
 
 class Conv4(nn.Module):
@@ -18,16 +18,18 @@ class Conv4(nn.Module):
 
     ``pooled_blocks`` keeps pooling in the first blocks only (the Relation Network's encoder
     pools in two), so the feature map stays large enough for a learned comparison.
+    ``im2col=False`` uses XLA's convolutions on CPU too (see :func:`fsl_jax.nets.layers.conv`).
     """
 
     width: int = 64
     blocks: int = 4
     pooled_blocks: int = 4
+    im2col: bool = True
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.blocks):
-            x = Conv(self.width, (3, 3), use_bias=False, name=f"conv{i}")(x)
+            x = conv(self.width, 3, self.im2col, f"conv{i}", use_bias=False)(x)
             x = nn.relu(BatchNorm(name=f"norm{i}")(x))
             if i < self.pooled_blocks:
                 x = max_pool(x)
@@ -38,12 +40,13 @@ class ResidualBlock(nn.Module):
     """Three conv3x3 with BatchNorm and leaky ReLU, a 1x1 projection shortcut, maxpool2."""
 
     width: int
+    im2col: bool = True
 
     @nn.compact
     def __call__(self, x):
-        shortcut = BatchNorm(name="shortcut_norm")(Conv(self.width, (1, 1), use_bias=False, name="shortcut")(x))
+        shortcut = BatchNorm(name="shortcut_norm")(conv(self.width, 1, self.im2col, "shortcut", use_bias=False)(x))
         for i in range(3):
-            x = Conv(self.width, (3, 3), use_bias=False, name=f"conv{i}")(x)
+            x = conv(self.width, 3, self.im2col, f"conv{i}", use_bias=False)(x)
             x = BatchNorm(name=f"norm{i}")(x)
             if i < 2:
                 x = nn.leaky_relu(x, 0.1)
@@ -51,14 +54,16 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet12(nn.Module):
-    """ResNet-12 (Oreshkin et al., 2018; Lee et al., 2019): four residual blocks of three convolutions."""
+    """ResNet-12 (Oreshkin et al., 2018; Lee et al., 2019): four residual blocks of three convolutions.
+    ``im2col`` as in :class:`Conv4`."""
 
     widths: Sequence[int] = (64, 160, 320, 640)
+    im2col: bool = True
 
     @nn.compact
     def __call__(self, x):
         for i, width in enumerate(self.widths):
-            x = ResidualBlock(width, name=f"block{i}")(x)
+            x = ResidualBlock(width, self.im2col, name=f"block{i}")(x)
         return x
 
 

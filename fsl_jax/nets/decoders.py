@@ -16,17 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.nets.layers import Conv, max_pool
+from fsl_jax.nets.layers import conv, max_pool
 
 UPSAMPLING = ("bilinear", "transpose")
-
-
-def conv(features: int, kernel: int, im2col: bool, name: str) -> nn.Module:
-    """A stride-1 SAME convolution: XLA's, or :class:`fsl_jax.nets.layers.Conv` (one matrix product on
-    CPU), which is faster when every task has its own kernels, as in MAML's inner loop."""
-    if im2col:
-        return Conv(features, (kernel, kernel), name=name)
-    return nn.Conv(features, (kernel, kernel), padding="SAME", name=name)
 
 
 def image_norm(name: str | None = None) -> nn.LayerNorm:

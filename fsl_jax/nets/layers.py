@@ -49,6 +49,11 @@ class Conv(nn.Module):
     times slower than its matrix products. That is what makes second-order MAML fast on CPU;
     the results agree with ``nn.Conv`` to float rounding. Other backends use
     ``lax.conv_general_dilated`` as ``nn.Conv`` does.
+
+    The products' gradients are a ``jax.custom_vjp`` (:func:`matmul`), so on CPU this layer has
+    reverse-mode derivatives of every order (``jax.grad`` of ``jax.grad``: second-order MAML,
+    Hessian-vector products) but no forward mode: ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian``
+    through it fail. Models that need forward mode on CPU take ``im2col=False`` (see :func:`conv`).
     """
 
     features: int
@@ -60,14 +65,24 @@ class Conv(nn.Module):
         kh, kw = self.kernel_size
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"Conv needs odd kernel sizes for SAME padding, got {self.kernel_size}")
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32)
         if jax.default_backend() == "cpu":
             y = _im2col_conv(x, kernel)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
+
+
+def conv(features: int, kernel: int, im2col: bool, name: str, use_bias: bool = True) -> nn.Module:
+    """A stride-1 SAME convolution: :class:`Conv` (one matrix product on CPU, faster when every task
+    has its own kernels, as in MAML's inner loop) or XLA's ``nn.Conv``, which forward-mode
+    differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) also goes through on CPU.
+    Both have the same parameters."""
+    if im2col:
+        return Conv(features, (kernel, kernel), use_bias=use_bias, name=name)
+    return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, name=name)
 
 
 def _im2col_conv(x, kernel):

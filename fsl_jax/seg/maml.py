@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.errors import ConfigError
+from fsl_jax.errors import ConfigError, check_positive
 from fsl_jax.learner import Learner
 from fsl_jax.meta import adapt
 from fsl_jax.nets.decoders import UNet
@@ -33,7 +33,8 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
     first_order: FOMAML (inner gradients held constant).
     dice_weight: weight of a soft Dice term in the query (outer) loss; the inner loss is
         cross-entropy alone.
-    im2col: convolutions as matrix products on CPU (faster with per-task kernels).
+    im2col: convolutions as matrix products on CPU (faster with per-task kernels; no forward-mode
+        differentiation on CPU: see :func:`fsl_jax.nets.layers.conv`).
     task_map: "vmap", "map" or "unroll" over a batch of tasks (fsl_jax.learner.map_tasks). Default vmap:
         on CPU this U-Net's meta-step is as fast unrolled (0.39 s, `fsl-jax bench train --config
         experiments/segmentation/maml_unet_1shot.yaml`), which takes twice as long to compile.
@@ -41,6 +42,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
     for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
         if steps is not None and (not isinstance(steps, int) or steps < 0):
             raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
+    check_positive("inner_lr", inner_lr)
     unet = UNet(tuple(widths), upsample, im2col=im2col)
     apply = lambda params, x: unet.apply({"params": params}, x)[..., 0]
     test_steps = inner_steps if test_inner_steps is None else test_inner_steps
