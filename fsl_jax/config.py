@@ -8,7 +8,6 @@ backbone they configure.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 
 from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS
-from fsl_jax.errors import ConfigError
+from fsl_jax.errors import ConfigError, check_positive
 
 FREE_FORM = ("method_options", "backbone_options")
 
@@ -176,26 +175,26 @@ ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str}
 _KINDS = {bool: "true or false", str: "a string", list: "a list"}
 
 
-def _check_value(key: str, value, kind: type, least: int | None = None) -> None:
+def check_value(key: str, value, kind: type, least: int | None = None) -> None:
     """``value`` has the ``kind`` and range of ``key``, or a ConfigError names both."""
     least = MINIMUM.get(key.split("[")[0], 1) if least is None else least
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int and not (number and isinstance(value, int) and value >= least):
         wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer of at least {least}")
         raise ConfigError(f"{key} must be {wanted}, got {value!r}")
-    if kind is float and not (number and math.isfinite(value) and value > 0):
-        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    if kind is float:
+        check_positive(key, value)
     if kind in _KINDS and not isinstance(value, kind):
         raise ConfigError(f"{key} must be {_KINDS[kind]}, got {value!r}")
     if key == "eval.settings":
         for i, item in enumerate(value):
             if not (isinstance(item, list) and len(item) == 2):
                 raise ConfigError(f"eval.settings[{i}] must be a [ways, shots] pair, got {item!r}")
-            _check_value(f"eval.settings[{i}] ways", item[0], int, least=MINIMUM["eval.ways"])
-            _check_value(f"eval.settings[{i}] shots", item[1], int)
+            check_value(f"eval.settings[{i}] ways", item[0], int, least=MINIMUM["eval.ways"])
+            check_value(f"eval.settings[{i}] shots", item[1], int)
     elif kind is list:
         for i, item in enumerate(value):
-            _check_value(f"{key}[{i}]", item, ITEM_TYPES.get(key, int))
+            check_value(f"{key}[{i}]", item, ITEM_TYPES.get(key, int))
 
 
 def check(config: dict) -> dict:
@@ -212,9 +211,9 @@ def check(config: dict) -> dict:
                 walk(default, value, where + ".")
             elif default is None:
                 if value is not None:
-                    _check_value(where, value, OPTIONAL_TYPES[where])
+                    check_value(where, value, OPTIONAL_TYPES[where])
             else:
-                _check_value(where, value, type(default))
+                check_value(where, value, type(default))
 
     walk(defaults_for(config["data"]["name"]), config)
     return config

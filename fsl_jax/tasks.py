@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fsl_jax.config import eval_episode
+from fsl_jax.config import check_value, eval_episode
 from fsl_jax.data import EpisodeSampler, character_splits
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
@@ -53,11 +53,14 @@ class TaskData:
 
 
 def _overrides(given: dict, allowed: tuple[str, ...], kind: str) -> dict:
-    """The non-None overrides, refusing those that do not apply to this kind of task."""
+    """The non-None overrides, refusing those that do not apply to this kind of task or are out of
+    the range of their ``eval`` config key."""
     given = {k: v for k, v in given.items() if v is not None}
     refused = sorted(set(given) - set(allowed))
     if refused:
         raise ConfigError(f"{', '.join(refused)} cannot be set for {kind} episodes; settable: {list(allowed)}")
+    for key, value in given.items():
+        check_value(f"eval.{key}", value, list if isinstance(value, list) else int)
     return given
 
 

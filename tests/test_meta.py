@@ -100,6 +100,15 @@ def test_adapt_rejects_bad_options_by_name():
             maml(TINY, inner_lr=bad)
 
 
+def test_a_trained_head_is_refused_episodes_of_other_ways():
+    """MAML's head has as many outputs as training ways: other episodes get an error naming both."""
+    learner = maml(TINY, inner_steps=1)
+    params = learner.init(jax.random.PRNGKey(0), first_task(random_batch(ways=3)))
+    assert learner.predict(params, random_batch(ways=3), jax.random.PRNGKey(0)).shape[-1] == 3
+    with pytest.raises(ConfigError, match="head has 3 outputs, so it classifies 3-way episodes only, not 4-way"):
+        learner.predict(params, random_batch(ways=4), jax.random.PRNGKey(0))
+
+
 def test_anil_adapts_the_head_only_but_meta_learns_the_body():
     task = first_task(random_batch())
     model = MetaClassifier(TINY, 3)

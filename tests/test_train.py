@@ -187,6 +187,8 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
 
     run = str(tmp_path / "run")
     for args, message in [(["--episodes", "0"], "--episodes must be at least 1, got 0"),
+                          (["--ways", "1"], "eval.ways must be an integer of at least 2, got 1"),
+                          (["--queries", "0"], "eval.queries must be a positive integer, got 0"),
                           (["--lake-runs", str(tmp_path / "lake"), "--ways", "5", "--episodes", "7"],
                            "--ways, --episodes shape sampled episodes; --lake-runs evaluates a fixed set"),
                           (["--episodes-dir", str(tmp_path / "lake")], "--episodes-dir evaluates segmenters"),

@@ -88,6 +88,10 @@ class _Classifier:
     def adapt(self, model_params, task, steps, lr, first_order, unroll=1):
         """The adapted model parameters. ANIL runs the backbone once and adapts the head on its
         features: the same result as masking, without recomputing frozen features every step."""
+        outputs, ways = model_params["head"]["kernel"].shape[-1], task.classes.shape[-1]
+        if outputs != ways:
+            raise ConfigError(f"the model's head has {outputs} outputs, so it classifies {outputs}-way episodes only, "
+                              f"not {ways}-way: MAML, its variants and Reptile adapt a head of the size they were trained with")
         model = self.model(task)
         if self.adapted == "head":
             features = model.apply({"params": model_params}, task.support_x, method=MetaClassifier.features)
