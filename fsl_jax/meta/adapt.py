@@ -22,9 +22,18 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import keystr
 
-from fsl_jax.errors import ConfigError
+from fsl_jax.errors import ConfigError, check_positive
 
 Params = Any
+
+
+def check_inner_loop(inner_steps, test_inner_steps, inner_lr) -> None:
+    """A MAML-style learner's inner-loop options, each named when it is wrong: the step counts are
+    non-negative integers (or None: as in training), the learning rate a positive number."""
+    for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
+    check_positive("inner_lr", inner_lr)
 
 
 def param_mask(params: Params, predicate: Callable[[str, jax.Array], bool]) -> Params:

@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.errors import ConfigError, check_positive
+from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner, cross_entropy
-from fsl_jax.meta.adapt import adapt, param_mask
+from fsl_jax.meta.adapt import adapt, check_inner_loop, param_mask
 from fsl_jax.meta.parallel import default_task_map
 
 ADAPTED = ("all", "head")
@@ -66,10 +66,7 @@ class _Classifier:
     def __init__(self, backbone, inner_steps, test_inner_steps, inner_lr, adapted, batch_stats, unroll):
         _check("adapted", adapted, ADAPTED)
         _check("batch_stats", batch_stats, BATCH_STATS)
-        for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
-            if steps is not None and (not isinstance(steps, int) or steps < 0):
-                raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
-        check_positive("inner_lr", inner_lr)
+        check_inner_loop(inner_steps, test_inner_steps, inner_lr)
         self.backbone, self.inner_lr, self.adapted, self.batch_stats = backbone, inner_lr, adapted, batch_stats
         self.inner_steps = inner_steps
         self.test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps

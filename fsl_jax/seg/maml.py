@@ -14,9 +14,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.errors import ConfigError, check_positive
 from fsl_jax.learner import Learner
-from fsl_jax.meta import adapt
+from fsl_jax.meta.adapt import adapt, check_inner_loop
 from fsl_jax.nets.decoders import UNet
 from fsl_jax.seg.common import bce, segmentation_loss
 
@@ -39,10 +38,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
         on CPU this U-Net's meta-step is as fast unrolled (0.39 s, `fsl-jax bench train --config
         experiments/segmentation/maml_unet_1shot.yaml`), which takes twice as long to compile.
     """
-    for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
-        if steps is not None and (not isinstance(steps, int) or steps < 0):
-            raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
-    check_positive("inner_lr", inner_lr)
+    check_inner_loop(inner_steps, test_inner_steps, inner_lr)
     unet = UNet(tuple(widths), upsample, im2col=im2col)
     apply = lambda params, x: unet.apply({"params": params}, x)[..., 0]
     test_steps = inner_steps if test_inner_steps is None else test_inner_steps
