@@ -6,8 +6,10 @@
 Runs ``fsl-jax bench maml`` with the library's defaults at 10 and at 1 meta-steps per XLA
 execution (``--steps-per-call``, the training loop's ``train.steps_per_call``), at 10 with the
 inner loop kept a ``lax.scan`` (``--inner-scan``), and at 10 with the tasks mapped by
-``vmap`` or unrolled (``--task-map``: whichever is not the default), and, where jemalloc is
-installed (``apt install libjemalloc2``), at 1 with both implementations on jemalloc instead of
+``vmap`` or unrolled (``--task-map``: whichever is not the default), where glibc can back its
+large allocations with transparent huge pages (glibc 2.35 on, THP not ``never``), at 1 and 10
+with both implementations on them (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``), and, where jemalloc
+is installed (``apt install libjemalloc2``), at 1 with both implementations on jemalloc instead of
 glibc's malloc (``LD_PRELOAD``, freed memory kept mapped), for second-order MAML,
 first-order MAML and Reptile (default config: Conv4, 28x28x1, 5-way 1-shot, 15 queries per
 class, 5 inner steps, 4 tasks per meta-batch). Each run is its own process and times the
@@ -16,13 +18,14 @@ most. Writes experiments/results/bench_maml.json (the raw JSON lines) and
 experiments/results/bench_maml.md (the table); on an accelerator, bench_maml_gpu.json and .md
 (the peer then runs on CUDA). Timings are only comparable on a quiet machine: the JSON records
 the load average and the GEMM speed of each run. ``--defaults-only`` times the library's
-defaults alone, at 10 and 1 meta-steps per call (a short lease on a GPU).
+defaults alone, at 10 and 1 meta-steps per call, with glibc's malloc (a short lease on a GPU).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -37,17 +40,25 @@ SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"], ["--steps-per
 
 
 # glibc returns a call's large buffers to the kernel and page-faults them in afresh on the next
-# call; jemalloc with decay off keeps them mapped. Its environment reaches the peer's subprocess too.
+# call, 4 KB at a time. Asked to (a tunable read at process start), glibc 2.35 and later backs
+# them with transparent huge pages, one fault per 2 MB; jemalloc with decay off keeps them
+# mapped. Each environment reaches the peer's subprocess too.
+MALLOCS = {"glibc": {}}
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+if (platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split("."))) >= (2, 35)
+        and THP.exists() and "[never]" not in THP.read_text()):
+    MALLOCS["glibc, huge pages"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 JEMALLOC = min(Path("/usr/lib").glob("*/libjemalloc.so.2"), default=None)
-JEMALLOC_ENV = {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+if JEMALLOC:
+    MALLOCS["jemalloc"] = {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
-def bench(extra: list[str], steps: int, env: dict | None = None) -> dict:
+def bench(extra: list[str], steps: int, malloc: str = "glibc") -> dict:
     command = [sys.executable, "-m", "fsl_jax.cli", "bench", "maml", "--steps", str(steps), *extra]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **MALLOCS[malloc]})
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": "jemalloc" if env else "glibc"}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc": malloc}
 
 
 def short(x: float) -> str:
@@ -63,7 +74,7 @@ def row(name: str, r: dict) -> str:
     c = r["config"]
     tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
     calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
-    malloc = "; jemalloc" if r["malloc"] == "jemalloc" else ""
+    malloc = "" if r["malloc"] == "glibc" else f"; {r['malloc']}"
     return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc}; compiles in "
             f"{r['compile_s']:.0f} s) | {short(r['step_s'])} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
             f"{percent(r['gemm_fraction'])} | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
@@ -74,7 +85,7 @@ def peer_row(name: str, runs: list[dict]) -> str:
     peers = [r["peer"] for r in runs]
     step = statistics.median(p["step_s"] for p in peers)
     gemm = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
-    malloc = "; jemalloc" if runs[0]["malloc"] == "jemalloc" else ""
+    malloc = "" if runs[0]["malloc"] == "glibc" else f"; {runs[0]['malloc']}"
     median = f"median of its {len(peers)} runs" if len(peers) > 1 else "its run"
     return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {short(step)} | "
             f"{runs[0]['config']['tasks'] / step:.2f} | {statistics.median(p['gflops_per_s'] for p in peers):.1f} | "
@@ -84,7 +95,7 @@ def peer_row(name: str, runs: list[dict]) -> str:
 def markdown(results: dict[str, list[dict]]) -> str:
     first = next(iter(results.values()))[0]
     c = first["config"]
-    device = f"cpu, {first['cpu_count']} cores" if first["backend"] == "cpu" else f"{first['device']}, default precision"
+    device = f"{first['cpu']}, {first['cpu_count']} cores" if first["backend"] == "cpu" else f"{first['device']}, default precision"
     lines = [f"Conv4, {c['image'][0]}x{c['image'][1]}x{c['image'][2]}, {c['ways']}-way {c['shots']}-shot, "
              f"{c['queries']} queries per class, {c['inner_steps']} inner steps, {c['tasks']} tasks per meta-step "
              f"({device}; float32 2048x2048 GEMM measured in the same process; "
@@ -94,7 +105,7 @@ def markdown(results: dict[str, list[dict]]) -> str:
              "| method | implementation | s / meta-step | tasks / s | GFLOP/s | % of GEMM | page faults / meta-step | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        for malloc in ("glibc", "jemalloc"):
+        for malloc in MALLOCS:
             group = [r for r in runs if r["malloc"] == malloc]
             if group:
                 lines += [row(name, r) for r in group] + [peer_row(name, group)]
@@ -119,8 +130,11 @@ def main():
             other = "unroll" if results[name][0]["config"]["task_map"] == "vmap" else "vmap"
             results[name].append(bench([*extra, "--steps-per-call", "10", "--task-map", other, "--peer", "torch"],
                                        args.steps))
-        if JEMALLOC:
-            results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, JEMALLOC_ENV))
+        if not args.defaults_only and "glibc, huge pages" in MALLOCS:
+            results[name] += [bench([*extra, "--steps-per-call", per_call, "--peer", "torch"], args.steps,
+                                    "glibc, huge pages") for per_call in ("10", "1")]
+        if not args.defaults_only and JEMALLOC:
+            results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, "jemalloc"))
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from fsl_jax.bench import cpu_name
 from fsl_jax.config import load_config
 from fsl_jax.train import Experiment, read_metrics, restore_params, train
 
@@ -17,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
 def train_run(path: Path, out: str, results: Path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,22 @@ def bench_train(args) -> dict:
             "steps_per_call": per_call, "compile_s": round(compile_s, 3), "step_s": round(step_s, 6),
             "train_episodes_per_s": round(sampler.tasks / step_s, 2),
             "sampler_episodes_per_s": round(sampler.throughput(), 1)}
+
+
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What a CPU timing was taken on, e.g. 'AMD EPYC (family 26, model 2; AVX-512)': cloud CPUs
+    often report only their brand, and one brand spans generations of very different speed."""
+    if not cpuinfo.exists():
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    details = ", ".join(f"{key.removeprefix('cpu ')} {fields[key]}" for key in ("cpu family", "model") if key in fields)
+    details = "; ".join(filter(None, [details, vector]))
+    return f"{fields.get('model name', platform.machine())}" + (f" ({details})" if details else "")
 
 
 def page_faults() -> int:
@@ -162,7 +179,7 @@ def bench_maml(args) -> dict:
         "shots": shots, "queries": queries, "inner_steps": inner_steps, "inner_lr": inner_lr, "tasks": tasks,
         "task_map": learner.task_map, "inner_loop": "scan" if args.inner_scan else "unrolled", "steps_per_call": per_call},
         "jax": jax.__version__, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-        "devices": jax.device_count(), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "devices": jax.device_count(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "compile_s": round(compile_s, 2), "step_s": round(step_s, 6), "step_times_s": [round(t, 6) for t in times],
         "tasks_per_s": round(tasks / step_s, 3), "page_faults_per_step": round(faults), "flops_per_step": flops,
         "gflops_per_s": round(flops / step_s / 1e9, 2), "gemm_gflops_per_s": round(gemm, 2),

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from fsl_jax.bench import cpu_name
 from fsl_jax.cli import main
 
 
@@ -18,7 +19,17 @@ def test_bench_maml_json_is_consistent(capsys):
     assert result["gflops_per_s"] == pytest.approx(result["flops_per_step"] / result["step_s"] / 1e9, rel=1e-2)
     assert result["gemm_fraction"] == pytest.approx(result["gflops_per_s"] / result["gemm_gflops_per_s"], rel=1e-2)
     assert 0 < result["gemm_fraction"] < 1 and result["page_faults_per_step"] >= 0
-    assert "peer" not in result
+    assert "peer" not in result and result["cpu"]
+
+
+def test_cpu_name_says_which_generation(tmp_path):
+    """A brand alone ('AMD EPYC') spans CPUs of very different speed: family, model and vector width come with it."""
+    processor = "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\nflags\t\t: {}\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("\n".join(processor.format(i, "fpu avx2 avx512f") for i in range(2)))
+    assert cpu_name(cpuinfo) == "AMD EPYC (family 26, model 2; AVX-512)"
+    cpuinfo.write_text(processor.format(0, "fpu avx2"))
+    assert cpu_name(cpuinfo) == "AMD EPYC (family 26, model 2; AVX2)"
 
 
 @pytest.mark.parametrize("flag, value, message", [
