@@ -164,10 +164,11 @@ def _examples(support: Support) -> np.ndarray:
     return support.queries if len(support.queries) else support.images
 
 
-def check_image_size(images: np.ndarray, expected: tuple[int, ...], name: str) -> None:
-    if tuple(images.shape[-3:-1]) != tuple(expected):
-        raise DataError(f"{name} is {images.shape[-2]}x{images.shape[-3]} but the model takes "
-                        f"{expected[1]}x{expected[0]} images")
+def check_image_size(height_width: tuple[int, int], expected: tuple[int, int], name: str) -> None:
+    """Refuse an image of another size than the model's: resizing is left to the user."""
+    (height, width), expected = tuple(height_width), tuple(expected)
+    if (height, width) != expected:
+        raise DataError(f"{name} is {width}x{height} but the model takes {expected[1]}x{expected[0]} images")
 
 
 def load_class_folders(directory: Path, image_size: int) -> Support:
@@ -193,7 +194,7 @@ def load_class_folders(directory: Path, image_size: int) -> Support:
                     pixels = np.asarray(im.convert("L"), dtype=np.float32)
             except OSError as err:
                 raise DataError(f"support image {path} cannot be read: {err}") from err
-            check_image_size(pixels[..., None], (image_size, image_size), f"support image {path}")
+            check_image_size(pixels.shape, (image_size, image_size), f"support image {path}")
             images.append(1.0 - pixels[..., None] / 255.0)
             labels.append(label)
     return Support(np.stack(images), np.array(labels, np.int32), [c.name for c in classes],

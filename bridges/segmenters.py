@@ -145,15 +145,15 @@ def held_out_seg_support(experiment, examples: int = 8) -> SegSupport:
 def load_support_folder(directory: Path, size: tuple[int, int], queries: np.ndarray) -> SegSupport:
     """Support images ``directory/<n>.jpg`` with masks ``<n>.png`` (the FSS-1000 layout), each of
     exactly ``size`` (height, width) pixels: resizing is left to the user, never done silently."""
-    from fsl_jax.data.fss import class_pairs, open_image, read_pair
+    from fsl_jax.data.fss import class_pairs, read_pair, upright_size
 
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"support directory {directory} does not exist")
     images, masks = [], []
     for image_path, mask_path in class_pairs(directory):
-        width, height = open_image(image_path).size
-        check_image_size(np.zeros((height, width, 3)), size, f"support image {image_path}")
+        width, height = upright_size(image_path)
+        check_image_size((height, width), size, f"support image {image_path}")
         image, mask = read_pair(image_path, mask_path, size[0])
         images.append(image.astype(np.float32) / 255.0)
         masks.append(mask.astype(np.float32))

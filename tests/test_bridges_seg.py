@@ -147,10 +147,10 @@ def test_maml_segmenter_exports_adapted_parameters(maml_model, scenes, tmp_path)
     check_exports(model, tmp_path)
 
 
-def write_fss(folder, size, masks=True):
+def write_fss(folder, size, masks=True, width=None):
     folder.mkdir(parents=True)
     for n in (1, 2):
-        image = np.zeros((size, size, 3), np.uint8)
+        image = np.zeros((size, width or size, 3), np.uint8)
         image[5:20, 8:30] = (200, 50, 10)
         Image.fromarray(image).save(folder / f"{n}.jpg")
         if masks:
@@ -167,6 +167,8 @@ def test_support_folder_is_read_and_checked(prototype_model, scenes, tmp_path):
     assert np.asarray(model(queries[:1])[0]).shape == (1, 48, 48)
     with pytest.raises(DataError, match=r"support image .*1\.jpg is 64x64 but the model takes 48x48"):
         load_support_folder(write_fss(tmp_path / "big", 64), (48, 48), queries)
+    with pytest.raises(DataError, match=r"support image .*1\.jpg is 64x48 but the model takes 48x48"):
+        load_support_folder(write_fss(tmp_path / "wide", 48, width=64), (48, 48), queries)
     with pytest.raises(DataError, match=r"1\.jpg has no mask: .*1\.png is missing"):
         load_support_folder(write_fss(tmp_path / "unmasked", 48, masks=False), (48, 48), queries)
     with pytest.raises(DataError, match="holds a folder, big: a class folder holds <n>.jpg images"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsl_jax.data.fss import SegmentationEpisodes, load_fss, split_classes
+from fsl_jax.data.fss import SegmentationEpisodes, load_fss, open_image, split_classes, upright_size
 from fsl_jax.data.segmentation import SegEpisode, check_episode
 from fsl_jax.errors import ConfigError, DataError
 
@@ -124,6 +124,17 @@ def test_jpeg_suffixes_in_any_case_and_exif_rotation(fss_root):
     shown = data.images[list(data.labels).index(1) + 4].astype(float)  # cat/9, the fifth cat image
     at_12 = lambda a: np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((12, 12), Image.BILINEAR), float)
     assert np.abs(shown - at_12(np.rot90(pixels, -1))).mean() < 3 < np.abs(shown - at_12(np.rot90(pixels, 1))).mean()
+
+
+@pytest.mark.parametrize("orientation, shown", [(1, (20, 16)), (3, (20, 16)), (6, (16, 20)), (8, (16, 20))])
+def test_upright_size_reads_the_shown_size_from_the_header(tmp_path, orientation, shown):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.jpg", exif=exif)
+    assert upright_size(tmp_path / "a.jpg") == open_image(tmp_path / "a.jpg").size == shown
+    (tmp_path / "b.jpg").write_bytes(b"not a picture")
+    with pytest.raises(DataError, match="cannot read .*b.jpg"):
+        upright_size(tmp_path / "b.jpg")
 
 
 def test_class_split_that_leaves_a_side_empty_is_named(fss_root):

@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from fsl_jax.data.segmentation import SegEpisode
 from fsl_jax.errors import ConfigError, DataError
@@ -60,6 +60,18 @@ def open_image(path: Path) -> Image.Image:
     except Exception as err:  # PIL raises several types for broken files
         raise DataError(f"cannot read {path}: {err}") from err
     return ImageOps.exif_transpose(image)
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image :func:`open_image` returns, from the file's header alone:
+    orientations 5 to 8 turn the stored picture a quarter, swapping its sides."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as err:  # PIL raises several types for broken files
+        raise DataError(f"cannot read {path}: {err}") from err
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _square(picture: Image.Image, size: int, resample, resize: str) -> np.ndarray:
