@@ -166,8 +166,8 @@ def _examples(support: Support) -> np.ndarray:
 
 def check_image_size(height_width: tuple[int, int], expected: tuple[int, int], name: str) -> None:
     """Refuse an image of another size than the model's: resizing is left to the user."""
-    (height, width), expected = tuple(height_width), tuple(expected)
-    if (height, width) != expected:
+    height, width = height_width
+    if (height, width) != tuple(expected):
         raise DataError(f"{name} is {width}x{height} but the model takes {expected[1]}x{expected[0]} images")
 
 

@@ -45,7 +45,8 @@ SETTINGS = (["--steps-per-call", "10"], ["--steps-per-call", "1"], ["--steps-per
 # mapped. Each environment reaches the peer's subprocess too.
 MALLOCS = {"glibc": {}}
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-if (platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split("."))) >= (2, 35)
+LIBC, LIBC_VERSION = platform.libc_ver()
+if (LIBC == "glibc" and tuple(map(int, LIBC_VERSION.split("."))) >= (2, 35)
         and THP.exists() and "[never]" not in THP.read_text()):
     MALLOCS["glibc, huge pages"] = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 JEMALLOC = min(Path("/usr/lib").glob("*/libjemalloc.so.2"), default=None)
@@ -126,15 +127,16 @@ def main():
     results = {}
     for name, extra in RUNS.items():
         results[name] = [bench([*extra, *setting, "--peer", "torch"], args.steps) for setting in settings]
-        if not args.defaults_only:  # the default's own run says which map it used (unroll on CPU, vmap elsewhere)
+        if not args.defaults_only:
+            # the default's own run says which map it used (unroll on CPU, vmap elsewhere)
             other = "unroll" if results[name][0]["config"]["task_map"] == "vmap" else "vmap"
             results[name].append(bench([*extra, "--steps-per-call", "10", "--task-map", other, "--peer", "torch"],
                                        args.steps))
-        if not args.defaults_only and "glibc, huge pages" in MALLOCS:
-            results[name] += [bench([*extra, "--steps-per-call", per_call, "--peer", "torch"], args.steps,
-                                    "glibc, huge pages") for per_call in ("10", "1")]
-        if not args.defaults_only and JEMALLOC:
-            results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, "jemalloc"))
+            if "glibc, huge pages" in MALLOCS:
+                results[name] += [bench([*extra, "--steps-per-call", per_call, "--peer", "torch"], args.steps,
+                                        "glibc, huge pages") for per_call in ("10", "1")]
+            if JEMALLOC:
+                results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, "jemalloc"))
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)

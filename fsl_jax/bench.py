@@ -83,7 +83,7 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
     details = ", ".join(f"{key.removeprefix('cpu ')} {fields[key]}" for key in ("cpu family", "model") if key in fields)
     details = "; ".join(filter(None, [details, vector]))
-    return f"{fields.get('model name', platform.machine())}" + (f" ({details})" if details else "")
+    return fields.get("model name", platform.machine()) + (f" ({details})" if details else "")
 
 
 def page_faults() -> int:
