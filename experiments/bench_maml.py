@@ -52,6 +52,8 @@ if (LIBC == "glibc" and tuple(map(int, LIBC_VERSION.split("."))) >= (2, 35)
 JEMALLOC = min(Path("/usr/lib").glob("*/libjemalloc.so.2"), default=None)
 if JEMALLOC:
     MALLOCS["jemalloc"] = {"LD_PRELOAD": str(JEMALLOC), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+# The meta-steps per call each other allocator is timed at, where it is available.
+MALLOC_CALLS = {"glibc, huge pages": ("10", "1"), "jemalloc": ("1",)}
 
 
 def bench(extra: list[str], steps: int, malloc: str = "glibc") -> dict:
@@ -71,12 +73,16 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:.0f}%" if fraction >= 0.01 else f"{100 * fraction:.1g}%"
 
 
+def malloc_note(r: dict) -> str:
+    """'; <allocator>' for a run on another allocator than glibc's default, else ''."""
+    return "" if r["malloc"] == "glibc" else f"; {r['malloc']}"
+
+
 def row(name: str, r: dict) -> str:
     c = r["config"]
     tasks = "tasks unrolled" if c["task_map"] == "unroll" else f"tasks by {c['task_map']}"
     calls = f"{c['steps_per_call']} meta-step{'s' * (c['steps_per_call'] > 1)} per call"
-    malloc = "" if r["malloc"] == "glibc" else f"; {r['malloc']}"
-    return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc}; compiles in "
+    return (f"| {name} | fsl_jax ({tasks}, inner loop {c['inner_loop']}, {calls}{malloc_note(r)}; compiles in "
             f"{r['compile_s']:.0f} s) | {short(r['step_s'])} | {r['tasks_per_s']:.2f} | {r['gflops_per_s']:.1f} | "
             f"{percent(r['gemm_fraction'])} | {r['page_faults_per_step']:,} | {r['speedup_vs_peer']:.1f}x |")
 
@@ -86,9 +92,8 @@ def peer_row(name: str, runs: list[dict]) -> str:
     peers = [r["peer"] for r in runs]
     step = statistics.median(p["step_s"] for p in peers)
     gemm = statistics.median(p["gflops_per_s"] / r["gemm_gflops_per_s"] for p, r in zip(peers, runs))
-    malloc = "" if runs[0]["malloc"] == "glibc" else f"; {runs[0]['malloc']}"
     median = f"median of its {len(peers)} runs" if len(peers) > 1 else "its run"
-    return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc}; {median}) | {short(step)} | "
+    return (f"| {name} | torch.func peer (torch {peers[0]['torch']}{malloc_note(runs[0])}; {median}) | {short(step)} | "
             f"{runs[0]['config']['tasks'] / step:.2f} | {statistics.median(p['gflops_per_s'] for p in peers):.1f} | "
             f"{percent(gemm)} | {round(statistics.median(p['page_faults_per_step'] for p in peers)):,} | 1.0x |")
 
@@ -132,11 +137,10 @@ def main():
             other = "unroll" if results[name][0]["config"]["task_map"] == "vmap" else "vmap"
             results[name].append(bench([*extra, "--steps-per-call", "10", "--task-map", other, "--peer", "torch"],
                                        args.steps))
-            if "glibc, huge pages" in MALLOCS:
-                results[name] += [bench([*extra, "--steps-per-call", per_call, "--peer", "torch"], args.steps,
-                                        "glibc, huge pages") for per_call in ("10", "1")]
-            if JEMALLOC:
-                results[name].append(bench([*extra, "--steps-per-call", "1", "--peer", "torch"], args.steps, "jemalloc"))
+            for malloc, per_calls in MALLOC_CALLS.items():
+                if malloc in MALLOCS:
+                    results[name] += [bench([*extra, "--steps-per-call", per_call, "--peer", "torch"], args.steps,
+                                            malloc) for per_call in per_calls]
         print(name, json.dumps(results[name]), flush=True)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
