@@ -3,15 +3,17 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Installs pin every package to the tested set (constraints.txt); pyproject.toml keeps ranges.
+PIP_INSTALL := $(PY) -m pip install --quiet --constraint constraints.txt
 
 .PHONY: install demo test bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[all]"
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e ".[all]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PIP_INSTALL) -e ".[bench]"
 	$(VENV)/bin/fsl-jax bench maml --peer torch
 
 clean:
