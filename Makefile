@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Installs pin every package to the tested set (constraints.txt); pyproject.toml keeps ranges.
-PIP_INSTALL := $(PY) -m pip install --quiet --constraint constraints.txt
+# Installs pin every package, the build backend too, to the tested set (constraints.txt);
+# pyproject.toml keeps ranges.
+PIP_INSTALL := $(PY) -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt
 
 .PHONY: install demo test bench clean
 
@@ -12,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) --upgrade pip
+	$(PY) -m pip install --quiet --constraint constraints.txt --upgrade pip  # the venv's own pip predates --build-constraint
 	$(PIP_INSTALL) -e ".[all]"
 	touch $(STAMP)
 

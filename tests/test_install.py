@@ -15,8 +15,10 @@ def pins() -> dict:
 
 
 def requirements() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    listed = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    listed = (project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+              + pyproject["build-system"]["requires"])
     return [req for req in map(Requirement, listed) if canonicalize_name(req.name) != "fsl-jax"]
 
 
