@@ -1,0 +1,19 @@
+"""The README's Python example runs as printed against the current API."""
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_example_trains_one_step():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 1, f"expected the one library example in README.md, found {len(blocks)} python blocks"
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert 0.0 <= float(scope["metrics"]["accuracy"]) <= 1.0
+    assert int(scope["state"][0].count) == 1, "the example's step did not update Adam's state"
+    leaves = jax.tree_util.tree_leaves(scope["params"])
+    assert leaves and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
