@@ -1,4 +1,4 @@
-"""The README's Python example runs as printed against the current API."""
+"""The README stays true to the code: its Python example runs as printed, and every file it names exists."""
 import re
 from pathlib import Path
 
@@ -17,3 +17,10 @@ def test_readme_python_example_trains_one_step():
     assert int(scope["state"][0].count) == 1, "the example's step did not update Adam's state"
     leaves = jax.tree_util.tree_leaves(scope["params"])
     assert leaves and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+
+
+def test_readme_names_only_files_that_exist():
+    named = set(re.findall(r"\b(?:experiments|benchmarks|bridges|fsl_jax|tests)/[\w/.-]*\w\.(?:py|yaml|md)\b", README.read_text()))
+    assert named, "the pattern found no file names in README.md"
+    missing = sorted(path for path in named if not (README.parent / path).exists())
+    assert not missing, f"README.md names files that do not exist: {missing}"
