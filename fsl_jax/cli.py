@@ -1,4 +1,4 @@
-"""``fsl-jax``: train, eval, bench and data commands. Results are printed as one JSON line."""
+"""``fsl-jax``: train, eval, bench, data and export commands. Results are printed as one JSON line."""
 from __future__ import annotations
 
 import argparse
