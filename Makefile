@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Installs pin every package, the build backend too, to the tested set (constraints.txt);
 # pyproject.toml keeps ranges.
-PIP_INSTALL := $(PY) -m pip install --quiet --constraint constraints.txt --build-constraint constraints.txt
+PIP := $(PY) -m pip install --quiet --constraint constraints.txt
+PIP_INSTALL := $(PIP) --build-constraint constraints.txt
 
 .PHONY: install demo test bench clean
 
@@ -13,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --upgrade pip  # the venv's own pip predates --build-constraint
+	$(PIP) --upgrade pip  # the venv's own pip predates --build-constraint
 	$(PIP_INSTALL) -e ".[all]"
 	touch $(STAMP)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import jax.profiler
 import numpy as np
 import optax
 
-from fsl_jax.bench import cpu_name
+from common import machine
 from fsl_jax.data.episodes import Episode
 from fsl_jax.learner import first_task
 from fsl_jax.meta import maml, reptile
@@ -90,8 +89,7 @@ def main():
     for name, ms in per_op.items():
         by_kind[re.sub(r"[.\d]+$", "", name)] += ms
     kind = "Reptile" if args.reptile else "first-order MAML" if args.first_order else "second-order MAML"
-    lines = [f"{kind}, `fsl-jax bench maml` config, {k} meta-steps per call, on {cpu_name()} with "
-             f"{os.cpu_count()} cores, jax {jax.__version__}; ms per meta-step "
+    lines = [f"{kind}, `fsl-jax bench maml` config, {k} meta-steps per call, on {machine()}; ms per meta-step "
              f"(summed over threads; total {sum(per_op.values()):.0f} ms). XLA's cost analysis of one "
              f"meta-step: {cost['flops'] / 1e9:.1f} GFLOP, {cost['bytes accessed'] / 1e9:.2f} GB of memory "
              "read and written.", "",

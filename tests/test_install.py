@@ -8,10 +8,13 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pins() -> dict:
+def pin_lines() -> list[str]:
     lines = (ROOT / "constraints.txt").read_text().splitlines()
-    pairs = [line.split("==") for line in lines if line.strip() and not line.startswith("#")]
-    return {canonicalize_name(name): version for name, version in pairs}
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def pins() -> dict:
+    return {canonicalize_name(name): version for name, version in (line.split("==") for line in pin_lines())}
 
 
 def requirements() -> list[Requirement]:
@@ -31,7 +34,7 @@ def test_every_dependency_is_pinned_inside_its_range():
 
 
 def test_constraints_are_exact_pins_listed_once():
-    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = pin_lines()
     assert all(line.count("==") == 1 for line in lines), [line for line in lines if line.count("==") != 1]
     assert len(pins()) == len(lines), "a package is pinned twice in constraints.txt"
     # not in pyproject.toml, but installed by `make` too: pip itself, and the jax backend
