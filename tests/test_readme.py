@@ -24,3 +24,12 @@ def test_readme_names_only_files_that_exist():
     assert named, "the pattern found no file names in README.md"
     missing = sorted(path for path in named if not (README.parent / path).exists())
     assert not missing, f"README.md names files that do not exist: {missing}"
+
+
+def test_readme_tables_are_the_experiment_scripts_output():
+    """Each ``<!-- results:NAME -->`` block holds experiments/results/NAME.md as written (update_readme.py)."""
+    blocks = re.findall(r"<!-- results:(\w+) -->\n(.*?)<!-- /results:\1 -->", README.read_text(), flags=re.DOTALL)
+    assert blocks, "README.md has no results blocks"
+    results = README.parent / "experiments" / "results"
+    stale = [name for name, text in blocks if not (results / f"{name}.md").is_file() or (results / f"{name}.md").read_text() != text]
+    assert not stale, f"README.md's tables differ from experiments/results (run experiments/update_readme.py): {stale}"
