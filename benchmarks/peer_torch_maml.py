@@ -11,7 +11,10 @@ head), same episode shapes, same inner loop. Prints one JSON line.
     python benchmarks/peer_torch_maml.py --tasks 4 --inner-steps 5
     python benchmarks/peer_torch_maml.py --device cuda   # on a GPU (fsl-jax bench passes it there)
 
-On CUDA each step is timed to ``torch.cuda.synchronize()``; torch's defaults are kept (cuDNN
+Each timed sample runs ``--steps-per-sample`` meta-steps and its time is divided by them, as
+``fsl-jax bench maml`` times each call of ``--steps-per-call`` meta-steps (it passes that
+number here), so both sides report the same statistic over the same number of meta-steps.
+On CUDA each sample is timed to ``torch.cuda.synchronize()``; torch's defaults are kept (cuDNN
 convolutions in TF32 on Ampere and later, as XLA's default precision for float32 on GPUs).
 """
 from __future__ import annotations
@@ -97,10 +100,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--inner-lr", type=float, default=0.4)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=5, help="timed meta-steps after the warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="timed samples after the warm-up")
+    parser.add_argument("--steps-per-sample", type=int, default=1,
+                        help="meta-steps timed together per sample, each sample's time divided by them "
+                             "(fsl-jax bench passes its meta-steps per call: both sides time as many meta-steps)")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed meta-steps first: torch's first steps are up to 2x slower than its steady state")
     args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--steps-per-sample", args.steps_per_sample)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     torch.manual_seed(0)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -117,17 +126,18 @@ def main(argv=None) -> dict:
         step(sx, sy, qx, qy)
     sync()
     warmup_s = time.perf_counter() - start
-    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times, faults, per_sample = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt, args.steps_per_sample
     for _ in range(args.steps):
         start = time.perf_counter()
-        step(sx, sy, qx, qy)
+        for _ in range(per_sample):
+            step(sx, sy, qx, qy)
         sync()
-        times.append(time.perf_counter() - start)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
+        times.append((time.perf_counter() - start) / per_sample)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (args.steps * per_sample)
     step_s = statistics.median(times)
     result = {"peer": "torch.func", "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
               "method": args.method, "first_order": args.first_order or args.method == "reptile",
-              "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 3), "step_s": round(step_s, 6), "step_times_s": [round(x, 6) for x in times],
+              "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 3), "steps_per_sample": per_sample, "step_s": round(step_s, 6), "step_times_s": [round(x, 6) for x in times],
               "tasks_per_s": round(t / step_s, 3), "page_faults_per_step": round(faults)}
     print(json.dumps(result))
     return result

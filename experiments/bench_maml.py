@@ -106,8 +106,8 @@ def markdown(results: dict[str, list[dict]]) -> str:
              f"{c['queries']} queries per class, {c['inner_steps']} inner steps, {c['tasks']} tasks per meta-step "
              f"({device}; float32 2048x2048 GEMM measured in the same process; "
              f"per meta-step: the median of {len(first['step_times_s'])} calls after compilation, each call's time "
-             f"divided by its meta-steps; the peer: median of {len(first['peer']['step_times_s'])} steps after "
-             f"{first['peer']['warmup_steps']} untimed ones, timed in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
+             f"divided by its meta-steps; the peer: timed the same way over as many meta-steps, after "
+             f"{first['peer']['warmup_steps']} untimed ones, in each run after fsl_jax; speed-up: the peer's time in the same run over fsl_jax's).", "",
              "| method | implementation | s / meta-step | tasks / s | GFLOP/s | % of GEMM | page faults / meta-step | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():

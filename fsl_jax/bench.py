@@ -107,10 +107,11 @@ def gemm_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def run_peer(args, inner_lr: float) -> dict:
-    """Run the torch.func peer on the same config and kind of device in a subprocess; its JSON result."""
+    """Run the torch.func peer on the same config and kind of device in a subprocess, timed over as many
+    meta-steps as fsl_jax (``--steps`` samples of ``--steps-per-call`` each); its JSON result."""
     command = [sys.executable, str(PEER), "--method", args.method, "--tasks", str(args.tasks),
                "--inner-steps", str(args.inner_steps), "--inner-lr", str(inner_lr), "--steps", str(args.steps),
-               "--device", "cuda" if jax.default_backend() == "gpu" else "cpu"]
+               "--steps-per-sample", str(args.steps_per_call), "--device", "cuda" if jax.default_backend() == "gpu" else "cpu"]
     if args.first_order:
         command.append("--first-order")
     done = subprocess.run(command, capture_output=True, text=True)

@@ -41,3 +41,42 @@ def test_cpu_name_says_which_generation(tmp_path):
 def test_bench_maml_refuses_bad_counts(flag, value, message, capsys):
     assert main(["bench", "maml", flag, value, "--no-progress"]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_peer_is_timed_over_as_many_meta_steps(monkeypatch):
+    """Both sides report the median over --steps samples of --steps-per-call meta-steps each."""
+    import subprocess
+    from argparse import Namespace
+
+    from fsl_jax import bench
+
+    commands = []
+
+    def run(command, **_):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout='{"step_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    args = Namespace(method="maml", tasks=4, inner_steps=5, steps=7, steps_per_call=10, first_order=False)
+    assert bench.run_peer(args, 0.4) == {"step_s": 1.0}
+    command = commands[0]
+    assert command[command.index("--steps") + 1] == "7"
+    assert command[command.index("--steps-per-sample") + 1] == "10"
+
+
+def test_peer_divides_each_sample_by_its_meta_steps(capsys):
+    pytest.importorskip("torch")
+    import importlib.util
+
+    from fsl_jax.bench import PEER
+
+    spec = importlib.util.spec_from_file_location("peer_torch_maml", PEER)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    small = ["--method", "reptile", "--tasks", "1", "--inner-steps", "1", "--warmup", "0"]
+    result = peer.main([*small, "--steps", "2", "--steps-per-sample", "3"])
+    assert result["steps_per_sample"] == 3 and len(result["step_times_s"]) == 2
+    assert min(result["step_times_s"]) <= result["step_s"] <= max(result["step_times_s"])
+    with pytest.raises(SystemExit):
+        peer.main([*small, "--steps-per-sample", "0"])
+    assert "--steps-per-sample must be at least 1, got 0" in capsys.readouterr().err
