@@ -73,7 +73,10 @@ def f1(counts: jax.Array) -> jax.Array:
 
 
 def per_class(counts: jax.Array, classes: jax.Array, num_classes: int) -> tuple[jax.Array, jax.Array]:
-    """Counts ``[E, 4]`` of E episodes summed by class id ``[E]``: ``([num_classes, 4], episodes per class)``."""
+    """Counts ``[E, 4]`` of E episodes summed by class id ``[E]``: ``([num_classes, 4], episodes per class)``.
+
+    Ids must lie in ``[0, num_classes)``: like ``jax.ops.segment_sum``, this drops episodes of other ids
+    (it runs under ``jit``, where it cannot raise)."""
     summed = jax.ops.segment_sum(counts, classes, num_segments=num_classes)
     seen = jax.ops.segment_sum(jnp.ones_like(classes, jnp.float32), classes, num_segments=num_classes)
     return summed, seen

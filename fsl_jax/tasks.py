@@ -116,12 +116,12 @@ def classification(config: dict) -> TaskData:
 
 # Segmentation ---------------------------------------------------------------------------------
 
-def _segmentation(config: dict, train_sampler, make_eval, num_train: int, num_test: int, allowed, describe) -> TaskData:
+def _segmentation(config: dict, train_sampler, make_eval, num_train: int, allowed, describe) -> TaskData:
     """TaskData of a segmentation source."""
     from fsl_jax.seg.evaluation import evaluate_segmentation, write_grid
 
     def evaluate_(learner, params, sampler, episodes, progress=True):
-        return evaluate_segmentation(learner, params, sampler, episodes, num_test, progress)
+        return evaluate_segmentation(learner, params, sampler, episodes, progress)
 
     def picture(learner, params, sampler, path):
         return write_grid(learner, params, sampler, path, rows=config["eval"]["pictures"])
@@ -154,7 +154,7 @@ def cluttered_omniglot(config: dict) -> TaskData:
     return _segmentation(
         config, ClutteredOmniglot(train, data["distractors"], ep["tasks"], config["train"]["seed"], TRAIN_DRAWERS,
                                   **shape),
-        make_eval, train.num_classes, test.num_classes, ("distractors",),
+        make_eval, train.num_classes, ("distractors",),
         describe=lambda s: {"protocol": "cluttered-omniglot", "distractors": list(s.distractors),
                             "alphabets": data["test_alphabets"], "drawers": list(TEST_DRAWERS)})
 
@@ -173,7 +173,7 @@ def omniglot_seg(config: dict) -> TaskData:
     return _segmentation(
         config, OmniglotSceneEpisodes(train, ep["shots"], ep["queries"], ep["tasks"], config["train"]["seed"],
                                       TRAIN_DRAWERS, **shape),
-        make_eval, train.num_classes, test.num_classes, ("shots", "queries"),
+        make_eval, train.num_classes, ("shots", "queries"),
         describe=lambda s: {"protocol": "omniglot-scenes", "shots": s.shots, "queries": s.queries,
                             "distractors": list(s.distractors), "alphabets": data["test_alphabets"]})
 
@@ -191,7 +191,7 @@ def fss(config: dict) -> TaskData:
 
     return _segmentation(
         config, SegmentationEpisodes(train, ep["shots"], ep["queries"], ep["tasks"], config["train"]["seed"]),
-        make_eval, len(train.classes), len(test.classes), ("shots", "queries"),
+        make_eval, len(train.classes), ("shots", "queries"),
         describe=lambda s: {"protocol": "fss", "shots": s.shots, "queries": s.queries, "classes": len(test.classes)})
 
 

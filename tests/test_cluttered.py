@@ -119,6 +119,13 @@ def test_more_distractors_than_the_scene_holds_is_an_error(held_out):
         OmniglotSceneEpisodes(held_out, distractors=(64,), scene_size=32, char_size=16)
 
 
+def test_no_distractor_level_or_bad_drawers_is_an_error(held_out):
+    with pytest.raises(DataError, match="distractors must name at least one number of distractors per scene"):
+        ClutteredOmniglot(held_out, distractors=())
+    with pytest.raises(DataError, match=r"drawers must be distinct numbers in 1..20, got \[\]"):
+        ClutteredOmniglot(held_out, drawers=())
+
+
 def test_too_many_shots_for_the_drawers_is_an_error(held_out):
     with pytest.raises(DataError, match="shots\\+queries=11 is larger than the 10 drawers"):
         OmniglotSceneEpisodes(held_out, shots=5, queries=6)

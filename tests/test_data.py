@@ -165,6 +165,21 @@ def test_sampler_rejects_impossible_episodes(tiny_chars, kwargs, message):
         EpisodeSampler(tiny_chars, **kwargs)
 
 
+@pytest.mark.parametrize("drawers", [(0, 1), (1, 21), (3, 3), ()])
+def test_sampler_drawers_are_distinct_and_in_range(tiny_chars, drawers):
+    """Drawer 0 would read drawer 20 (index -1), and a drawer given twice would repeat a support image as its query."""
+    with pytest.raises(DataError, match=r"drawers must be distinct numbers in 1..20, got \[" + ", ".join(map(str, drawers))):
+        EpisodeSampler(tiny_chars, ways=2, shots=1, queries=1, drawers=drawers)
+    assert EpisodeSampler(tiny_chars, ways=2, shots=1, queries=1, drawers=(20, 1)).images.shape[1] == 2
+
+
+def test_select_takes_lists_and_refuses_a_string(tiny_chars):
+    assert set(tiny_chars.select(alphabets=["alpha0", "alpha2"]).alphabets) == {"alpha0", "alpha2"}
+    assert set(tiny_chars.select(exclude=["alpha0"]).alphabets) == {"alpha1", "alpha2"}
+    with pytest.raises(DataError, match="alphabets must be a list of alphabet names, got the string 'alpha0'"):
+        tiny_chars.select(alphabets="alpha0")
+
+
 def test_rotations_are_new_classes(tiny_chars):
     rotated = with_rotations(tiny_chars)
     assert rotated.num_classes == 4 * tiny_chars.num_classes

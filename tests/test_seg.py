@@ -135,3 +135,16 @@ def test_meta_sgd_rates_are_parameters():
     grads = jax.jit(jax.grad(lambda p: learner.loss(p, batch, jax.random.PRNGKey(0))[0]))(params)
     assert jax.tree.structure(params["inner_lr"]) == jax.tree.structure(params["unet"])
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["inner_lr"]))
+
+
+def test_miou_counts_every_class_id_a_fixed_set_holds():
+    """A fixed set may come from other classes than a run's held-out ones: no id is dropped from mIoU."""
+    from fsl_jax.data.segmentation import FixedEpisodes
+    from fsl_jax.learner import Learner
+    from fsl_jax.seg.evaluation import evaluate_segmentation
+
+    batch = toy_batch(tasks=3)._replace(classes=np.array([5, 300, 5], np.int32))
+    bright = Learner(init=lambda rng, task: {}, task_loss=None,
+                     task_predict=lambda params, task, rng: task.query_x[..., 0] - 0.5)  # the squares exactly
+    result = evaluate_segmentation(bright, {}, FixedEpisodes(batch, 3), 3, progress=False)
+    assert result["iou"] == result["miou"] == 1.0

@@ -145,6 +145,8 @@ def test_class_split_that_leaves_a_side_empty_is_named(fss_root):
         split_classes(data.select(["bee", "cat", "kite"]))
     with pytest.raises(DataError, match="must be a list of class names, got the string 'cat'"):
         split_classes(data, "cat")
+    with pytest.raises(DataError, match="leaves no test class among the 4 classes"):
+        split_classes(data, [])  # an empty list holds nothing out; None holds out every fourth class
 
 
 def test_masks_of_zero_and_one_are_binary_too(tmp_path):
@@ -153,20 +155,37 @@ def test_masks_of_zero_and_one_are_binary_too(tmp_path):
     assert load_fss(tmp_path, 8).masks.any()
 
 
+@pytest.mark.parametrize("palette", [[0, 0, 0, 255, 255, 255], [255, 255, 255, 0, 0, 0], [0, 0, 0, 128, 0, 0]])
+def test_palette_masks_are_read_by_their_indices_not_their_colours(tmp_path, palette):
+    """A palette PNG (PASCAL VOC's masks) stores its labels as indices: 1 is the object whatever its colour."""
+    write_pair(tmp_path / "a", 1, mask_values=(0, 1))
+    indices = np.asarray(Image.open(tmp_path / "a" / "1.png"))
+    mask = Image.fromarray(indices, "P")
+    mask.putpalette(palette)
+    mask.save(tmp_path / "a" / "1.png")
+    np.testing.assert_array_equal(load_fss(tmp_path, 16, resize="stretch").masks[0],
+                                  np.asarray(Image.fromarray(indices).resize((16, 16), Image.NEAREST)) == 1)
+    mask = Image.fromarray(np.where(indices == 1, 3, 0).astype(np.uint8), "P")
+    mask.putpalette(palette * 2)
+    mask.save(tmp_path / "a" / "1.png")
+    with pytest.raises(DataError, match=r"1.png is not binary: it holds palette indices \[3\]"):
+        load_fss(tmp_path, 16)
+
+
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         load_fss(tmp_path / "nowhere")
 
 
-def episode(support_mask=None, query_mask=None):
+def episode(support_mask=None, query_mask=None, query_tasks=2, scale=1.0, classes=(0, 0)):
     rng = np.random.default_rng(0)
     mask = np.zeros((2, 1, 8, 8), np.float32)
     mask[..., 2:5, 2:5] = 1
-    return SegEpisode(support_x=rng.random((2, 1, 8, 8, 3), np.float32),
+    return SegEpisode(support_x=rng.random((2, 1, 8, 8, 3), np.float32) * scale,
                       support_mask=mask if support_mask is None else support_mask,
-                      query_x=rng.random((2, 3, 8, 8, 3), np.float32),
-                      query_mask=np.zeros((2, 3, 8, 8), np.float32) if query_mask is None else query_mask,
-                      classes=np.zeros(2, np.int32), distractors=np.zeros(2, np.int32))
+                      query_x=rng.random((query_tasks, 3, 8, 8, 3), np.float32),
+                      query_mask=np.zeros((query_tasks, 3, 8, 8), np.float32) if query_mask is None else query_mask,
+                      classes=np.array(classes, np.int32), distractors=np.zeros(2, np.int32))
 
 
 def test_episode_checks_name_the_bad_input():
@@ -179,6 +198,12 @@ def test_episode_checks_name_the_bad_input():
     empty[1] = 0
     with pytest.raises(DataError, match="support mask 0 of task 1 is empty"):
         check_episode(episode(support_mask=empty))
+    with pytest.raises(DataError, match="support_x holds 2 tasks but query_x 3"):
+        check_episode(episode(query_tasks=3))
+    with pytest.raises(DataError, match=r"set.support_x holds values from 0.* to 2\d\d.*: images are float in \[0, 1\]"):
+        check_episode(episode(scale=255.0), "set")
+    with pytest.raises(DataError, match="episode.classes must be non-negative, got -1"):
+        check_episode(episode(classes=(0, -1)))
 
 
 def test_resize_stretches_or_pads_keeping_the_aspect_ratio(tmp_path):

@@ -161,6 +161,8 @@ class _SceneMaker:
     def __init__(self, chars: CharacterSet, distractors, tasks: int, seed: int, drawers, scene_size: int,
                  char_size: int):
         self.distractors = tuple(int(d) for d in np.atleast_1d(distractors))
+        if not self.distractors:
+            raise DataError("distractors must name at least one number of distractors per scene, got none")
         limit = max_distractors(scene_size)
         for d in self.distractors:
             if not 0 <= d <= limit:
@@ -172,9 +174,7 @@ class _SceneMaker:
         if chars.num_classes < 2:
             raise DataError(f"cluttered scenes need at least 2 characters (distractors differ from the target), "
                             f"got {chars.num_classes}")
-        self.drawers = np.array(sorted(set(drawers)), np.int64) - 1
-        if self.drawers.min() < 0 or self.drawers.max() >= chars.images.shape[1]:
-            raise DataError(f"drawers must be in 1..{chars.images.shape[1]}, got {sorted(set(drawers))}")
+        self.drawers = np.sort(chars.drawer_indices(drawers))
         self.glyphs = Glyphs(chars, char_size)
         self.tasks, self.seed, self.scene_size = tasks, seed, scene_size
 

@@ -50,7 +50,7 @@ class EpisodeSampler:
                  seed: int = 0, drawers: tuple[int, ...] | None = None):
         self.images = chars.images[..., None]  # channel axis
         if drawers is not None:
-            self.images = self.images[:, [d - 1 for d in drawers]]
+            self.images = self.images[:, chars.drawer_indices(drawers)]
         num_classes, per_class = self.images.shape[:2]
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("tasks", tasks)):
             if int(value) < 1:

@@ -1,7 +1,8 @@
 """Few-shot segmentation data in the FSS-1000 folder layout (Li et al., CVPR 2020): bring your own classes.
 
 Layout: ``ROOT/<class>/<n>.jpg`` (or ``.jpeg``, any case) with its binary mask
-``ROOT/<class>/<n>.png`` (foreground 255 or 1, background 0). Every file is checked as it is
+``ROOT/<class>/<n>.png`` (foreground 255 or 1, background 0; a palette PNG's values are its
+palette indices, not its colours, as in PASCAL VOC). Every file is checked as it is
 read: a missing or unreadable file, a mask without its image, any other file in a class folder
 (``.DS_Store`` and ``Thumbs.db`` aside), an empty class folder, an image with transparent
 pixels, a mask whose size differs from its image, a mask that is not 8-bit or holds values
@@ -85,26 +86,34 @@ def _square(picture: Image.Image, size: int, resample, resize: str) -> np.ndarra
     return np.asarray(canvas)
 
 
+def check_opaque(image: Image.Image, name: str) -> None:
+    """A DataError naming ``name`` if the image has transparent pixels: what they hide (black, often)
+    is not what a viewer shows behind them."""
+    if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
+        raise DataError(f"{name} has transparent pixels (mode {image.mode}); save it without transparency")
+
+
 def read_pair(image_path: Path, mask_path: Path, image_size: int,
               resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """One image and its mask, checked, at ``image_size`` x ``image_size``: (uint8 [S, S, 3], bool [S, S])."""
     if resize not in RESIZE_MODES:
         raise ConfigError(f"resize (data.resize) must be one of {list(RESIZE_MODES)}, got {resize!r}")
     image, mask = open_image(image_path), open_image(mask_path)
-    if "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
-        raise DataError(f"image {image_path} has transparent pixels (mode {image.mode}); save it without transparency")
+    check_opaque(image, f"image {image_path}")
     if mask.mode.startswith(("I", "F")):
         raise DataError(f"mask {mask_path} is a {mask.mode} image; a mask is 8-bit: 0 for background, 255 or 1 "
                         "for the object")
-    image, mask = image.convert("RGB"), mask.convert("L")
+    palette = mask.mode in ("P", "PA")
+    # A palette mask stores its labels as palette indices (PASCAL VOC's convention); the colours are for viewing.
+    image, mask = image.convert("RGB"), Image.fromarray(np.asarray(mask.getchannel(0))) if palette else mask.convert("L")
     if image.size != mask.size:
         raise DataError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
                         f"{image.size[0]}x{image.size[1]}: a mask must have exactly its image's size")
     values = np.unique(np.asarray(mask))
     if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
         bad = [v for v in values.tolist() if v not in (0, 1, 255)][:3] or values.tolist()
-        raise DataError(f"mask {mask_path} is not binary: it holds values {bad} (a mask is 0 for background and "
-                        "255 or 1 for the object)")
+        raise DataError(f"mask {mask_path} is not binary: it holds {'palette indices' if palette else 'values'} "
+                        f"{bad} (a mask is 0 for background and 255 or 1 for the object)")
     if values.max() == 0:
         raise DataError(f"mask {mask_path} is empty (no foreground pixel): every image must show its class")
     image = _square(image, image_size, Image.BILINEAR, resize).astype(np.uint8)
@@ -159,7 +168,7 @@ def split_classes(data: SegmentationSet, test_classes=None) -> tuple[Segmentatio
     """(train, test) sets with disjoint classes: ``test_classes`` by name, or every fourth class in name order."""
     if isinstance(test_classes, str):
         raise DataError(f"test_classes must be a list of class names, got the string {test_classes!r}")
-    names = list(test_classes) if test_classes else list(data.classes[3::4])
+    names = list(data.classes[3::4]) if test_classes is None else list(test_classes)
     train, test = data.select([c for c in data.classes if c not in set(names)]), data.select(names)
     for side, part in (("training", train), ("test", test)):
         if not part.classes:

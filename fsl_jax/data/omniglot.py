@@ -76,14 +76,25 @@ class CharacterSet:
 
     def select(self, alphabets=None, exclude=None) -> "CharacterSet":
         """The classes of the given alphabets (or all but ``exclude``); unknown names raise."""
+        for argument, names in (("alphabets", alphabets), ("exclude", exclude)):
+            if isinstance(names, str):
+                raise DataError(f"{argument} must be a list of alphabet names, got the string {names!r}")
         known = set(self.alphabets)
-        for name in (alphabets or ()) + tuple(exclude or ()):
+        for name in (*(alphabets or ()), *(exclude or ())):
             if name not in known:
                 raise DataError(f"unknown alphabet {name!r}; known: {sorted(str(a) for a in known)}")
         keep = [i for i, a in enumerate(self.alphabets)
                 if (alphabets is None or a in alphabets) and a not in (exclude or ())]
         return CharacterSet(self.images[keep], tuple(self.alphabets[i] for i in keep),
                             tuple(self.characters[i] for i in keep))
+
+    def drawer_indices(self, drawers) -> np.ndarray:
+        """0-based indices of ``drawers`` (numbers from 1), in the order given; each at most once, as a
+        drawer picked twice would show a support image again as its own query."""
+        numbers, available = [int(d) for d in drawers], self.images.shape[1]
+        if not numbers or len(set(numbers)) != len(numbers) or not all(1 <= d <= available for d in numbers):
+            raise DataError(f"drawers must be distinct numbers in 1..{available}, got {numbers}")
+        return np.array(numbers, np.int64) - 1
 
     def resized(self, size: int) -> "CharacterSet":
         """Area-resample every image to ``size`` x ``size`` (PIL box filter)."""

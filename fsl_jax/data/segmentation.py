@@ -54,7 +54,8 @@ def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], name: str) -> Non
 
 
 def check_episode(episode: SegEpisode, name: str = "episode") -> SegEpisode:
-    """Validate a batch from outside the library: shapes agree, masks binary, no empty support mask.
+    """Validate a batch from outside the library: shapes agree, images in [0, 1], masks binary, no
+    empty support mask, class ids from 0.
 
     An empty support mask would leave a segmenter nothing to learn the class from (and a
     prototype a division by zero), so it is an error rather than a NaN later.
@@ -62,9 +63,17 @@ def check_episode(episode: SegEpisode, name: str = "episode") -> SegEpisode:
     if episode.support_x.ndim != 5 or episode.query_x.ndim != 5:
         raise DataError(f"{name}: support_x and query_x must be [tasks, images, H, W, C], got "
                         f"{episode.support_x.shape} and {episode.query_x.shape}")
+    if episode.support_x.shape[0] != episode.query_x.shape[0]:
+        raise DataError(f"{name}: support_x holds {episode.support_x.shape[0]} tasks but query_x "
+                        f"{episode.query_x.shape[0]}")
     if episode.support_x.shape[-1] != episode.query_x.shape[-1]:
         raise DataError(f"{name}: support images have {episode.support_x.shape[-1]} channels, queries "
                         f"{episode.query_x.shape[-1]}")
+    for field in ("support_x", "query_x"):
+        images = getattr(episode, field)
+        if images.size and not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+            raise DataError(f"{name}.{field} holds values from {images.min()} to {images.max()}: images are "
+                            "float in [0, 1] (uint8 0-255 in a saved set)")
     check_mask(episode.support_mask, episode.support_x.shape[:-1], f"{name}.support_mask")
     check_mask(episode.query_mask, episode.query_x.shape[:-1], f"{name}.query_mask")
     empty = np.argwhere(episode.support_mask.reshape(*episode.support_mask.shape[:2], -1).max(-1) == 0)
@@ -73,8 +82,11 @@ def check_episode(episode: SegEpisode, name: str = "episode") -> SegEpisode:
         raise DataError(f"{name}: support mask {shot} of task {task} is empty (no foreground pixel): "
                         "every support image must show the class")
     for field in ("classes", "distractors"):
-        if getattr(episode, field).shape != (episode.tasks,):
-            raise DataError(f"{name}.{field} must have shape ({episode.tasks},), got {getattr(episode, field).shape}")
+        values = getattr(episode, field)
+        if values.shape != (episode.tasks,):
+            raise DataError(f"{name}.{field} must have shape ({episode.tasks},), got {values.shape}")
+        if values.size and values.min() < 0:
+            raise DataError(f"{name}.{field} must be non-negative, got {values.min()}")
     return episode
 
 

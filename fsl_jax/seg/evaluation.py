@@ -36,9 +36,11 @@ def _mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(ci)
 
 
-def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, num_classes: int,
-                          progress: bool = True) -> dict:
+def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, progress: bool = True) -> dict:
     """Scores of ``learner`` over the first ``episodes`` tasks of ``sampler`` (batches 0, 1, ...).
+
+    mIoU averages over the class ids the episodes hold, whatever their source (a fixed set may
+    come from other classes than the run's held-out ones).
 
     Returns ``iou`` (mean per-episode foreground IoU, all query images of an episode together)
     and its ``ci95``, ``miou``, ``fb_iou``, ``pixel_accuracy``, ``precision``, ``recall``, ``f1``,
@@ -57,7 +59,8 @@ def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, num_
             index += 1
             bar.update(sampler.tasks)
     counts, classes, levels = np.stack(counts[:episodes]), np.array(classes[:episodes]), np.array(levels[:episodes])
-    scores = {k: float(v) for k, v in metrics.summary(jnp.asarray(counts), jnp.asarray(classes), num_classes).items()}
+    scores = metrics.summary(jnp.asarray(counts), jnp.asarray(classes), int(classes.max()) + 1)
+    scores = {k: float(v) for k, v in scores.items()}
     per_episode = np.asarray(metrics.iou(jnp.asarray(counts)))
     iou, ci95 = _mean_ci(per_episode)
     result = {"iou": iou, "ci95": ci95, **{k: v for k, v in scores.items() if k != "mean_episode_iou"},
