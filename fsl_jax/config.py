@@ -24,10 +24,20 @@ class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``1e-3`` as a string; a learning rate written that way must be a float."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+class _Dumper(yaml.SafeDumper):
+    """Writes what :class:`_Loader` reads back: a string such as ``"3e-4"`` (a run name) quoted."""
+
+
+for _yaml in (_Loader, _Dumper):
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d+\.\d*|\.\d+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+        list("-+0123456789."))
+
+
+def dump_config(config: dict) -> str:
+    """A config as YAML text that :func:`read_yaml` reads back equal, keys in their order."""
+    return yaml.dump(config, Dumper=_Dumper, sort_keys=False)
 
 
 def read_yaml(text: str, source: str = "YAML"):
@@ -149,6 +159,11 @@ def defaults_for(data_name: str) -> dict:
     return config
 
 
+class _Options(dict):
+    """Options of a free-form block set one by one (``--set method_options.scale=10``): merged into the
+    block, where a whole mapping (``--set method_options={scale: 10}``, a config file's) replaces it."""
+
+
 def _merge(base: dict, update: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -159,6 +174,8 @@ def _merge(base: dict, update: dict, path: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
             out[key] = _merge(base[key], value, where + ".")
+        elif isinstance(value, _Options):
+            out[key] = {**(base[key] if isinstance(base[key], dict) else {}), **copy.deepcopy(value)}
         else:
             out[key] = value
     return out
@@ -225,8 +242,9 @@ def parse_override(item: str) -> dict:
         raise ConfigError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
     value = read_yaml(raw, f"the value of override {item!r}")
-    for part in reversed(key.strip().split(".")):
-        value = {part: value}
+    parts = key.strip().split(".")
+    for depth in reversed(range(len(parts))):
+        value = (_Options if depth == 1 and parts[0] in FREE_FORM else dict)({parts[depth]: value})
     return value
 
 

@@ -38,3 +38,9 @@ def check_positive(name: str, value) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_count(name: str, value) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is an integer of at least 1 (a number of steps, say)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fsl_jax.errors import ConfigError
+
 Params = Any
 Metrics = dict[str, jax.Array]
 TASK_MAPS = ("vmap", "map", "unroll")
@@ -25,7 +27,7 @@ def map_tasks(fn: Callable, how: str) -> Callable:
     program as many times larger, whose independent tasks XLA's CPU runtime runs side by side
     on its threads; faster on CPU for small task batches, slower to compile)."""
     if how not in TASK_MAPS:
-        raise ValueError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
+        raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
 
     def mapped(params, batch, rng):
         rngs = jax.random.split(rng, jax.tree.leaves(batch)[0].shape[0])
@@ -56,6 +58,10 @@ class Learner:
     task_predict: Callable[..., jax.Array]
     task_map: str = "vmap"
     batch_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
+
+    def __post_init__(self):
+        if self.task_map not in TASK_MAPS:
+            raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {self.task_map!r}")
 
     def loss(self, params: Params, batch, rng) -> tuple[jax.Array, Metrics]:
         """Loss and metrics of a batch of tasks: ``batch_loss``, or the mean of ``task_loss`` over the tasks."""

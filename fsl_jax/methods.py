@@ -27,13 +27,23 @@ METHODS = {
 }
 
 
+# An option whose default is one of these takes that type (a whole number where a float is expected too).
+_OPTION_KINDS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                 str: ((str,), "a string")}
+
+
 def _call(factory, what: str, options: dict, context: dict):
-    """Call ``factory`` with ``options`` (checked against its signature) and the context it asks for."""
+    """Call ``factory`` with ``options`` (checked against its signature and its defaults' types) and the
+    context it asks for."""
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         valid = sorted(p for p in accepted if p not in context and p != "backbone")
         raise ConfigError(f"unknown option(s) {unknown} for {what}; valid options: {valid}")
+    for key, value in options.items():
+        kinds, wanted = _OPTION_KINDS.get(type(accepted[key].default), ((object,), ""))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"option {key} of {what} must be {wanted}, got {value!r}")
     extra = {k: v for k, v in context.items() if k in accepted and k not in options}
     return factory(**options, **extra)
 

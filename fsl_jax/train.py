@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from tqdm.auto import tqdm
 
-from fsl_jax.config import check, complete, read_config_file
+from fsl_jax.config import check, complete, dump_config, read_config_file
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
@@ -255,7 +254,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(config, sort_keys=False))
+    saved.write_text(dump_config(config))
     manager = _checkpoint_manager(run_dir, config)
     start = manager.latest_step() or 0
     if start:

@@ -39,20 +39,52 @@ def test_unknown_or_malformed_keys_are_named(override, message):
         load_config(None, [override])
 
 
+def test_an_override_inside_an_option_block_keeps_the_other_options(tmp_path):
+    path = tmp_path / "maml.yaml"
+    path.write_text("method: maml\nmethod_options: {inner_steps: 1, test_inner_steps: 3}\n"
+                    "backbone_options: {im2col: false}\n")
+    config = load_config(path, ["method_options.test_inner_steps=10", "backbone_options.width=32"])
+    assert config["method_options"] == {"inner_steps": 1, "test_inner_steps": 10}
+    assert config["backbone_options"] == {"im2col": False, "width": 32}
+    assert load_config(path, ["backbone_options={width: 32}"])["backbone_options"] == {"width": 32}  # a whole block
+
+
+@pytest.mark.parametrize("name", ["3e-4", "1.5", ".inf", "true", "null", "007"])
+def test_a_saved_config_reads_back_equal(name):
+    """config.yaml is read back by the loader that reads 1e-3 as a float: a run named 3e-4 stays a string."""
+    from fsl_jax.config import dump_config, read_yaml
+
+    config = load_config(None, [f"name='{name}'", "method_options={distance: cosine}"])
+    assert config["name"] == name and read_yaml(dump_config(config)) == config
+
+
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method=protonets", "unknown method 'protonets'"),
-    ("backbone=vgg", "unknown backbone 'vgg'"),
-    ("method_options={distance: cosine, temperature: 2}", r"unknown option\(s\) \['temperature'\] for method 'protonet'"),
-    ("backbone_options={depth: 3}", r"unknown option\(s\) \['depth'\]"),
+@pytest.mark.parametrize("overrides, message", [
+    (["method=protonets"], "unknown method 'protonets'"),
+    (["backbone=vgg"], "unknown backbone 'vgg'"),
+    (["method_options={distance: cosine, temperature: 2}"], r"unknown option\(s\) \['temperature'\] for method 'protonet'"),
+    (["backbone_options={depth: 3}"], r"unknown option\(s\) \['depth'\]"),
+    # checked when the learner is built, before a run directory is written, not at the first step or evaluation
+    (["method_options.task_map=vmapp"], r"task_map must be one of \('vmap', 'map', 'unroll'\), got 'vmapp'"),
+    (["method=transfer", "method_options.head_steps=2.5"], "option head_steps of method 'transfer' must be an integer, got 2.5"),
+    (["method=transfer", "method_options.head_steps=-3"], "head_steps must be a positive integer, got -3"),
+    (["method=matching", "method_options.fce_steps=0"], "fce_steps must be a positive integer, got 0"),
+    (["method=matching", "method_options.scale=0"], "scale must be a positive number, got 0"),
+    (["method=matching", "method_options.full_context=1"], "option full_context of method 'matching' must be true or false"),
+    (["method=protonet", "method_options.distance=2"], "option distance of method 'protonet' must be a string, got 2"),
+    (["method=reptile", "method_options.adapted=head"], "Reptile adapts every parameter .* got adapted='head'"),
 ])
-def test_unknown_methods_and_options_are_named(override, message):
+def test_unknown_methods_and_options_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        make_learner(load_config(None, [override]), num_train_classes=10)
+        make_learner(load_config(None, overrides), num_train_classes=10)
+
+
+def test_options_of_a_float_default_take_whole_numbers():
+    make_learner(load_config(None, ["method=matching", "method_options.scale=10"]), num_train_classes=10)  # 10, not 10.0
 
 
 def test_every_shipped_config_is_valid():

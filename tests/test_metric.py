@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from fsl_jax.data.episodes import EpisodeSampler
+from fsl_jax.errors import ConfigError, DataError
 from fsl_jax.learner import first_task
 from fsl_jax.metric import matching, protonet, relation, siamese, transfer
 from fsl_jax.metric.transfer import fit_linear_head
@@ -99,8 +100,15 @@ def test_transfer_prediction_ignores_the_pretraining_head(tiny_chars):
 
 @pytest.mark.parametrize("factory, kwargs", [(protonet, {"distance": "manhattan"}), (siamese, {"loss": "hinge"})])
 def test_bad_method_options_are_named(factory, kwargs):
-    with pytest.raises(ValueError, match=list(kwargs.values())[0]):
+    with pytest.raises(ConfigError, match=list(kwargs.values())[0]):
         factory(SMALL, **kwargs)
+
+
+def test_images_too_small_for_the_pooling_are_named():
+    """At 14x14 Conv4's fourth pooling would leave a 0x0 map: features of nothing, a model at chance."""
+    with pytest.raises(DataError, match="a 1x1 feature map is too small to max-pool by 2"):
+        SMALL.init(jax.random.PRNGKey(0), jnp.zeros((2, 14, 14, 1)))
+    assert SMALL.apply(SMALL.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1))), jnp.zeros((2, 16, 16, 1))).shape == (2, 1, 1, 16)
 
 
 def test_resnet12_feature_map_and_frozen_statistics(tiny_chars):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner, cross_entropy
 from fsl_jax.meta.maml import _Classifier
 from fsl_jax.meta.parallel import default_task_map
@@ -25,7 +26,12 @@ from fsl_jax.meta.parallel import default_task_map
 def reptile(backbone, inner_steps: int = 5, test_inner_steps: int | None = 10, inner_lr: float = 0.1,
             adapted: str = "all", batch_stats: str = "query", unroll: int | bool = True,
             task_map: str | None = None) -> Learner:
-    """Reptile; options as :func:`fsl_jax.meta.maml` (the outer step size is the optimiser's)."""
+    """Reptile; options as :func:`fsl_jax.meta.maml` (the outer step size is the optimiser's), except that
+    every parameter adapts: Reptile's update moves only what adapted, so with ``adapted="head"`` the
+    backbone would never train."""
+    if adapted != "all":
+        raise ConfigError(f"Reptile adapts every parameter (adapted='all'): its update moves only what adapted, "
+                          f"so the backbone would never train; got adapted={adapted!r}")
     core = _Classifier(backbone, inner_steps, test_inner_steps, inner_lr, adapted, batch_stats, unroll)
 
     def task_loss(params, task, rng):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from fsl_jax.errors import check_count, check_positive
 from fsl_jax.learner import Learner, accuracy
 from fsl_jax.metric.common import embed_task, one_hot_support
 
@@ -44,6 +45,8 @@ def matching(backbone, full_context: bool = False, fce_steps: int = 4, scale: fl
     similarities in [-1, 1] the attention can then never be confident, which slows learning,
     so larger values (a fixed temperature, as in later re-implementations) train faster.
     """
+    check_count("fce_steps", fce_steps)
+    check_positive("scale", scale)
     fce = FullContextEmbedding(fce_steps)
 
     def init(rng, task):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner, cross_entropy
 from fsl_jax.metric.common import class_means, embed_task
 
@@ -18,7 +19,7 @@ def protonet(backbone, distance: str = "sqeuclidean", task_map: str = "vmap") ->
     distance: "sqeuclidean" (the paper's choice) or "cosine".
     """
     if distance not in ("sqeuclidean", "cosine"):
-        raise ValueError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}")
+        raise ConfigError(f"distance must be 'sqeuclidean' or 'cosine', got {distance!r}")
 
     def logits(params, task, rng):
         support, query = embed_task(backbone, params, task)

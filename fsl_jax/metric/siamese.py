@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
+from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner, accuracy
 from fsl_jax.metric.common import embed_task, per_class_max
 
@@ -18,7 +19,7 @@ def siamese(backbone, loss: str = "binary", margin: float = 1.0, task_map: str =
     Classification: each query takes the class of its best-scoring support.
     """
     if loss not in ("binary", "contrastive"):
-        raise ValueError(f"loss must be 'binary' or 'contrastive', got {loss!r}")
+        raise ConfigError(f"loss must be 'binary' or 'contrastive', got {loss!r}")
     head = nn.Dense(1)
 
     def pair_scores(params, task):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from fsl_jax.errors import check_positive
+from fsl_jax.errors import check_count, check_positive
 from fsl_jax.learner import Learner, cross_entropy
 from fsl_jax.metric.common import embed_task, one_hot_support
 
@@ -36,6 +36,7 @@ def transfer(backbone, num_train_classes: int, head_steps: int = 100, head_lr: f
     base classes; prediction freezes the features (unit-normalised) and fits a new linear head
     on the support set only."""
     check_positive("head_lr", head_lr)
+    check_count("head_steps", head_steps)
     classifier = nn.Dense(num_train_classes)
 
     def init(rng, task):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fsl_jax.errors import ConfigError
 from fsl_jax.nets.layers import conv, max_pool
 
 UPSAMPLING = ("bilinear", "transpose")
@@ -79,7 +80,7 @@ class UNetDecoder(nn.Module):
     @nn.compact
     def __call__(self, x, skips):
         if self.upsample not in UPSAMPLING:
-            raise ValueError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
+            raise ConfigError(f"upsample must be one of {UPSAMPLING}, got {self.upsample!r}")
         for i, skip in enumerate(reversed(skips)):
             height, width = skip.shape[-3:-1]
             if self.upsample == "bilinear":

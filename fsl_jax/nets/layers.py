@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from fsl_jax.errors import DataError
+
 
 class BatchNorm(nn.Module):
     """Batch normalisation with the statistics of the current batch (Ioffe and Szegedy, 2015).
@@ -132,5 +134,8 @@ def max_pool(x, window: int = 2):
     ``reduce_window``'s is a slow select-and-scatter.
     """
     h, w, c = x.shape[-3] // window, x.shape[-2] // window, x.shape[-1]
+    if h == 0 or w == 0:
+        raise DataError(f"a {x.shape[-3]}x{x.shape[-2]} feature map is too small to max-pool by {window}: the images "
+                        "are too small for this backbone (raise data.image_size, or pool in fewer blocks)")
     x = x[..., : h * window, : w * window, :]
     return x.reshape(*x.shape[:-3], h, window, w, window, c).max(axis=(-4, -2))
