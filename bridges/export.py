@@ -130,11 +130,11 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
     elif target is not None or image_input:
         raise ExportError("--target and --image-input apply to Core ML, not to a SavedModel")
     if out is not None:
-        _check_out(Path(out), Path(run), force)
+        _check_out(Path(out), Path(run), force, fmt)
     exportable = build_model(run, support, model, data_dir)
     path = Path(out) if out is not None else default_out(Path(run), exportable, fmt, precision)
     if out is None:
-        _check_out(path, Path(run), force)
+        _check_out(path, Path(run), force, fmt)
     report = {"output": str(path), "format": fmt, "model": exportable.kind, "precision": precision,
               "inputs": {i.name: [1, *i.shape] for i in exportable.inputs}, "outputs": exportable.outputs}
 
@@ -162,12 +162,21 @@ def export_run(run: str | Path, fmt: str, precision: str = "fp32", support: str 
     return report
 
 
-def _check_out(path: Path, run: Path, force: bool) -> None:
-    """Refuse an output that would replace the run's own files, or an existing one unless ``force``."""
+def _check_out(path: Path, run: Path, force: bool, fmt: str) -> None:
+    """Refuse an output that would replace the run or its files (inside a run, exports go under its
+    ``export/``), one that cannot be written, a Core ML output not named ``.mlpackage``, or an
+    existing one unless ``force``."""
     target, run_dir = path.resolve(), run.resolve()
-    own = [run_dir / name for name in ("config.yaml", "metrics.jsonl", "checkpoints")]
-    if run_dir.is_relative_to(target) or any(target == p or target.is_relative_to(p) for p in own):
-        raise ExportError(f"output {path} would replace the run {run} itself; choose another --out")
+    exports = run_dir / "export"
+    if run_dir.is_relative_to(target) or (target.is_relative_to(run_dir) and not target.is_relative_to(exports)) \
+            or target == exports:
+        raise ExportError(f"output {path} would replace the run {run} itself or its files; choose another --out "
+                          f"(inside the run, exports go under {run / 'export'})")
+    if fmt == "coreml" and path.suffix != ".mlpackage":
+        raise ExportError(f"output {path}: a Core ML model is a directory named .mlpackage (--out {path.name}.mlpackage)")
+    blocking = next(p for p in path.parents if p.exists())
+    if not blocking.is_dir():
+        raise ExportError(f"output {path} cannot be written: {blocking} is a file, not a directory")
     if path.exists() and not force:
         raise ExportError(f"output {path} already exists; pass --force to replace it")
 

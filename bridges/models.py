@@ -85,8 +85,10 @@ def run_metadata(config: dict, run: Path, step: int) -> dict[str, str]:
 
 
 def _backbone_params(config: dict, params):
-    """The backbone's parameters: the whole pytree for ProtoNets, the ``backbone`` entry otherwise."""
-    return params["backbone"] if isinstance(params, dict) and "backbone" in params else params
+    """The backbone's parameters: the whole pytree for ProtoNets, the ``backbone`` entry otherwise (under
+    ``model`` for the MAML family and Reptile)."""
+    model = params["model"] if isinstance(params, dict) and "model" in params else params
+    return model["backbone"] if isinstance(model, dict) and "backbone" in model else model
 
 
 def _embedder(config: dict, support_images: np.ndarray, bparams):
@@ -176,6 +178,8 @@ def load_class_folders(directory: Path, image_size: int) -> Support:
     images (dark strokes on white; decoded to strokes = 1) of exactly ``image_size`` pixels."""
     from PIL import Image
 
+    from fsl_jax.data.fss import check_opaque
+
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"support directory {directory} does not exist")
@@ -191,6 +195,7 @@ def load_class_folders(directory: Path, image_size: int) -> Support:
         for path in files:
             try:
                 with Image.open(path) as im:
+                    check_opaque(im, f"support image {path}")
                     pixels = np.asarray(im.convert("L"), dtype=np.float32)
             except OSError as err:
                 raise DataError(f"support image {path} cannot be read: {err}") from err

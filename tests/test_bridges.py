@@ -254,10 +254,18 @@ def test_export_never_replaces_the_run_and_a_failed_one_keeps_the_old_output(run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    for out in (run, run / "checkpoints", run / "checkpoints" / "x", run / "config.yaml", tmp_path):
+    for out in (run, run / "checkpoints", run / "checkpoints" / "x", run / "config.yaml", run / "curves.png",
+                run / "export", tmp_path):
         with pytest.raises(ExportError, match="would replace the run"):
             export_run(run, "savedmodel", out=out, force=True)
-    assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir())
+    assert (run / "config.yaml").is_file() and any((run / "checkpoints").iterdir()) and (run / "curves.png").is_file()
+    (tmp_path / "a_file").write_text("kept")
+    for fmt, out, message in [("coreml", tmp_path / "Classifier", "a Core ML model is a directory named .mlpackage"),
+                              ("coreml", tmp_path / "Classifier.v2", r"\(--out Classifier.v2.mlpackage\)"),
+                              ("savedmodel", tmp_path / "a_file" / "model", "a_file is a file, not a directory")]:
+        with pytest.raises(ExportError, match=message):
+            export_run(run, fmt, out=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
     for bad, message in [({"fmt": "coreml", "target": "iOS13"}, "unknown minimum deployment target 'iOS13'"),
                          ({"fmt": "coreml", "target": "real"}, "known: .*'iOS15'"),
                          ({"fmt": "savedmodel", "target": "iOS16"}, "apply to Core ML")]:
@@ -304,6 +312,32 @@ def test_support_directory_is_baked_in(run_dir, tmp_path):
     assert model.class_labels == ["a", "b"] and model.params["prototypes"].shape[0] == 2
     probabilities = np.asarray(model(model.examples[0])[0])
     assert probabilities.shape == (4, 2) and np.allclose(probabilities.sum(-1), 1, atol=1e-5)
+
+
+def test_a_transparent_support_image_is_named(run_dir, tmp_path):
+    """Its transparent background is black underneath: read as strokes, it would fill the whole image."""
+    support = write_support(tmp_path / "support", 28)
+    pixels = np.zeros((28, 28, 4), np.uint8)
+    pixels[4:10, 3:20, 3] = 255  # black strokes, the rest transparent
+    Image.fromarray(pixels, "RGBA").save(support / "a" / "0.png")
+    with pytest.raises(DataError, match=r"support image .*a/0\.png has transparent pixels \(mode RGBA\)"):
+        build_model(run_dir, support=support)
+
+
+def test_meta_learners_export_their_embedding_network(tmp_path):
+    """The MAML family keeps its backbone under params['model']: the embedding export takes it from there."""
+    from bridges.export import load_run
+
+    run = train(load_config(None, ["method=metasgd", "episode.ways=5", "episode.queries=2", "episode.tasks=1",
+                                   "backbone_options={width: 8}", "method_options={inner_steps: 1, test_inner_steps: 1}",
+                                   "train.steps=1", "eval.every=1", "eval.curve_episodes=1", f"out={tmp_path / 'm'}"]),
+                progress=False)
+    with pytest.raises(ExportError, match="--model embedding"):
+        build_model(run)
+    model = build_model(run, model="embedding")
+    trained = load_run(run)[2]["model"]["backbone"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, model.params["backbone"], trained))
+    assert model(model.examples[0])[0].shape == (len(model.examples[0]), 8)
 
 
 def test_support_with_wrong_image_size_names_the_file(run_dir, tmp_path):
