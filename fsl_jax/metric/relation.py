@@ -1,6 +1,7 @@
 """Relation Networks (Sung et al., CVPR 2018)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -45,9 +46,11 @@ def relation(backbone, width: int = 64, hidden: int = 8, task_map: str = "vmap")
         return grid.reshape(queries * ways, *grid.shape[2:]), (queries, ways)
 
     def init(rng, task):
-        params = {"backbone": backbone.init(rng, task.support_x)["params"]}
+        # two keys: both modules name their layers conv0, conv1, so one key would give them proportional kernels
+        backbone_rng, relation_rng = jax.random.split(rng)
+        params = {"backbone": backbone.init(backbone_rng, task.support_x)["params"]}
         grid, _ = pairs(params, task)
-        params["relation"] = module.init(rng, grid)["params"]
+        params["relation"] = module.init(relation_rng, grid)["params"]
         return params
 
     def scores(params, task, rng):
