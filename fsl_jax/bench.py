@@ -18,12 +18,15 @@ from fsl_jax.errors import ConfigError
 PEER = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_torch_maml.py"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("what", choices=sorted(BENCHMARKS))
-    parser.add_argument("--config", help="train: the config whose training step is timed")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--steps", type=int, default=10, help="timed calls after compilation")
-    maml = parser.add_argument_group("maml: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class")
+def add_arguments(parser) -> list:
+    """``bench train`` and ``bench maml``, each with its own flags; returns their parsers."""
+    what = parser.add_subparsers(dest="what", required=True)
+    train = what.add_parser("train", help="sampler and training-step episodes/s of a config")
+    train.add_argument("--config", required=True, help="the config whose training step is timed")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    maml = what.add_parser("maml", help="seconds per MAML meta-step: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class")
+    for command in (train, maml):
+        command.add_argument("--steps", type=int, default=10, help="timed calls after compilation")
     maml.add_argument("--method", choices=["maml", "reptile"], default="maml")
     maml.add_argument("--first-order", action="store_true", help="FOMAML instead of second-order MAML")
     maml.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")
@@ -34,6 +37,7 @@ def add_arguments(parser) -> None:
     maml.add_argument("--steps-per-call", type=int, default=10,
                       help="meta-steps per XLA execution (train.steps_per_call; make_train_steps)")
     maml.add_argument("--peer", choices=["torch"], help="also time benchmarks/peer_torch_maml.py in this run")
+    return [train, maml]
 
 
 def bench_train(args) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from fsl_jax.errors import ConfigError
+    from fsl_jax.errors import ConfigError, DataError
     from fsl_jax.train import Experiment, restore_params
 
     if args.episodes is not None and args.episodes < 1:
@@ -50,6 +51,8 @@ def cmd_eval(args) -> dict:
     experiment = Experiment(config)
     if args.picture and experiment.task.picture is None:
         raise ConfigError(f"--picture draws segmentations; {args.run} is a {config['data']['name']} run")
+    if args.picture and args.picture.suffix.lower() != ".png":
+        raise ConfigError(f"--picture {args.picture}: the picture is a PNG, name it .png")
     if args.episodes_dir and experiment.task.score == "accuracy":
         raise ConfigError(f"--episodes-dir evaluates segmenters; {args.run} is a {config['data']['name']} run")
     params, step = restore_params(Path(args.run), experiment)
@@ -68,6 +71,10 @@ def cmd_eval(args) -> dict:
         from fsl_jax.data.segmentation import FixedEpisodes, load_episodes
 
         fixed = load_episodes(args.episodes_dir)
+        channels = experiment.train_sampler.sample(0).query_x.shape[-1]
+        if fixed.query_x.shape[-1] != channels:
+            raise DataError(f"{args.episodes_dir} holds {fixed.query_x.shape[-1]}-channel images; {args.run} was "
+                            f"trained on {channels}-channel images")
         if args.episodes is not None and args.episodes > fixed.tasks:
             raise ConfigError(f"--episodes {args.episodes} is more than the {fixed.tasks} episodes in {args.episodes_dir}")
         sampler, described, episodes = FixedEpisodes(fixed, 10), {"episodes_dir": str(args.episodes_dir)}, fixed.tasks
@@ -102,16 +109,15 @@ def cmd_data(args) -> dict:
     from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, load_omniglot, split
     from fsl_jax.outputs import write_replacing
 
-    for flag, value in (("--runs", args.runs), ("--episodes", args.episodes)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    for name, least in (("runs", 1), ("episodes", 1), ("seed", 0)):  # each where the command has it
+        if getattr(args, name, least) < least:
+            raise ConfigError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     _, held_out = split(load_omniglot(args.data_dir, 105), args.alphabets or DEFAULT_TEST_ALPHABETS)
     if args.action == "cluttered-sets":
         from fsl_jax.data.cluttered import TEST_DRAWERS, ClutteredOmniglot
         from fsl_jax.data.segmentation import collect, save_episodes
 
-        out = args.out or Path("runs/cluttered_omniglot")
-        targets = {level: out / f"distractors_{level}" for level in args.distractors}
+        targets = {level: args.out / f"distractors_{level}" for level in args.distractors}
         for target in targets.values():
             _check_target(target, args.force)
         samplers = {level: ClutteredOmniglot(held_out, (level,), 50, args.seed, TEST_DRAWERS) for level in targets}
@@ -119,10 +125,9 @@ def cmd_data(args) -> dict:
             write_replacing(targets[level], lambda d: save_episodes(collect(sampler, args.episodes), d))
         return {"cluttered_sets": {str(k): str(v) for k, v in targets.items()}, "episodes": args.episodes,
                 "alphabets": list(args.alphabets or DEFAULT_TEST_ALPHABETS)}
-    out = args.out or Path("runs/lake_runs")
-    _check_target(out, args.force)
-    write_replacing(out, lambda d: write_runs(held_out, d, runs=args.runs, seed=args.seed))
-    return {"lake_runs": str(out)}
+    _check_target(args.out, args.force)
+    write_replacing(args.out, lambda d: write_runs(held_out, d, runs=args.runs, seed=args.seed))
+    return {"lake_runs": str(args.out)}
 
 
 def _check_target(path: Path, force: bool) -> None:
@@ -157,20 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure speed; prints one JSON line")
     from fsl_jax.bench import add_arguments
-    add_arguments(bench)
+    benches = add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     data = sub.add_parser("data", help="get Omniglot, write Lake-style one-shot runs or fixed cluttered test sets")
-    data.add_argument("action", choices=["download", "lake-runs", "cluttered-sets"])
-    data.add_argument("dataset", nargs="?", default="omniglot", choices=["omniglot"])
-    data.add_argument("--out", type=Path, help="where to write (default runs/lake_runs, runs/cluttered_omniglot)")
-    data.add_argument("--alphabets", nargs="*", help="alphabets to draw from (default: held-out ones)")
-    data.add_argument("--runs", type=int, default=20)
-    data.add_argument("--episodes", type=int, default=1000, help="cluttered-sets: scenes per distractor level")
-    data.add_argument("--distractors", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
-                      help="cluttered-sets: distractor levels, one set each")
-    data.add_argument("--seed", type=int, default=0)
-    data.add_argument("--force", action="store_true", help="replace what --out holds")
+    action = data.add_subparsers(dest="action", required=True)
+    download = action.add_parser("download", help="Lake's Omniglot zips into --data-dir (sha256 checked)")
+    download.add_argument("dataset", nargs="?", default="omniglot", choices=["omniglot"])
+    lake = action.add_parser("lake-runs", help="20-way within-alphabet one-shot runs in Lake's layout")
+    lake.add_argument("--runs", type=int, default=20)
+    cluttered = action.add_parser("cluttered-sets", help="fixed cluttered-Omniglot test sets, one per distractor level")
+    cluttered.add_argument("--episodes", type=int, default=1000, help="scenes per distractor level")
+    cluttered.add_argument("--distractors", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
+                           help="distractor levels, one set each")
+    for command, default in ((lake, "runs/lake_runs"), (cluttered, "runs/cluttered_omniglot")):
+        command.add_argument("--out", type=Path, default=Path(default), help=f"where to write (default {default})")
+        command.add_argument("--alphabets", nargs="*", help="alphabets to draw from (default: held-out ones)")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--force", action="store_true", help="replace what --out holds")
     data.set_defaults(func=cmd_data)
 
     export = sub.add_parser("export", help="export a run to a TensorFlow SavedModel or a Core ML .mlpackage")
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(export)
     export.set_defaults(func=cmd_export)
 
-    for command in (train, ev, bench, data, export):
+    for command in (train, ev, *benches, download, lake, cluttered, export):
         command.add_argument("--data-dir", help="data root (else $FSL_JAX_DATA, else ../shared/data)")
         command.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -192,12 +201,21 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         result = args.func(args)
-    except (FslJaxError, FileNotFoundError) as err:
+    except (FslJaxError, OSError) as err:  # OSError: a path that cannot be read or written, named by it
         print(f"fsl-jax: error: {err}", file=sys.stderr)
         return 1
     result.setdefault("seconds", round(time.perf_counter() - start, 2))
-    print(json.dumps(result))
+    print(json.dumps(_strict(result)))
     return 0
+
+
+def _strict(value):
+    """``value`` with NaN and infinities as None, so the line is strict JSON (a CI over one episode is NaN)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":

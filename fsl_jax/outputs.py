@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from fsl_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -24,6 +26,9 @@ def write_replacing(path: Path, write: Callable[[Path], T]) -> T:
     it was and old and new files are never mixed; the partial output never outlives the call.
     Returns what ``write`` returns.
     """
+    path = Path(path).resolve()  # resolved, so the partial of "." or ".." lies beside it, not inside it
+    if Path.cwd().resolve().is_relative_to(path):
+        raise ConfigError(f"output {path} holds the current directory; choose another")
     partial = path.with_name(f".partial-{path.name}")
     remove(partial)
     partial.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,15 @@ def test_download_without_a_network_is_one_clear_error(tmp_path, monkeypatch):
         download_omniglot(tmp_path)
     assert not list((tmp_path / "omniglot").iterdir())
 
+    def interrupted(url, path):
+        Path(path).write_bytes(b"the first kilobyte" * 60)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_omniglot(tmp_path)
+    assert not list((tmp_path / "omniglot").iterdir())
+
 
 def test_bundled_zips_are_the_official_ones():
     for path in sorted((data_root() / "omniglot").glob("images_background_small*.zip")):
@@ -190,15 +200,26 @@ def test_rotations_are_new_classes(tiny_chars):
 def test_lake_runs_round_trip(omniglot105, tmp_path):
     _, held_out = split(omniglot105)
     write_runs(held_out, tmp_path, runs=3, seed=1)
-    lines = (tmp_path / "run01" / "class_labels.txt").read_text().splitlines()
-    assert len(lines) == 20 and lines[0].startswith("test/item01.png training/class")
+    labels = tmp_path / "run01" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    # Lake's all_runs: paths from the folder holding the runs, which his scripts open as written
+    assert len(lines) == 20 and lines[0].startswith("run01/test/item01.png run01/training/class")
     runs = read_runs(tmp_path, image_size=28)
     assert len(runs) == 3
     run = runs[0]
     assert run.support_x.shape == (1, 20, 28, 28, 1) and run.query_x.shape == (1, 20, 28, 28, 1)
     assert sorted(run.query_y[0].tolist()) == list(range(20))
+    labels.write_text("\n".join(line.replace("run01/", "") for line in lines))  # paths from the run folder
+    for a, b in zip(read_runs(tmp_path, image_size=28)[0], run):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(DataError, match="class_labels.txt"):
         read_runs(tmp_path / "run01" / "training")
+    labels.write_text("\n".join(lines[:19]))
+    with pytest.raises(DataError, match=r"names 19 training images but .*run01/training holds 20"):
+        read_runs(tmp_path)
+    labels.write_text("\n")
+    with pytest.raises(DataError, match="one line per test image"):
+        read_runs(tmp_path)
 
 
 def test_tfds_source_groups_and_deduplicates(monkeypatch):

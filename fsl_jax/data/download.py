@@ -53,6 +53,9 @@ def download_omniglot(data_dir: str | Path, names=tuple(OMNIGLOT_ZIPS)) -> list[
                 partial.unlink(missing_ok=True)
                 raise DataError(f"cannot download {_URL + name}: {err}; without a network, copy the official "
                                 f"zips into {folder}") from err
+            except BaseException:  # interrupted (Ctrl-C): nothing is left either
+                partial.unlink(missing_ok=True)
+                raise
             os.replace(_checked(partial, name), path)
         else:
             verify(path)

@@ -1,7 +1,10 @@
-"""Lake et al.'s one-shot classification runs: 20-way, within-alphabet, one drawer per side.
+"""Lake et al.'s one-shot classification runs: 20-way, within-alphabet, one training and one test
+image of each character.
 
 Layout: ``runNN/training/classNN.png``, ``runNN/test/itemNN.png`` and ``runNN/class_labels.txt``
-with lines ``test/itemNN.png training/classNN.png``. Images are Omniglot PNGs (105x105).
+with one line per test image, ``runNN/test/itemNN.png runNN/training/classNN.png``: paths from the
+folder holding the runs, as in Lake's ``all_runs`` (paths from the run folder itself,
+``test/itemNN.png``, are read too). Images are Omniglot PNGs (105x105).
 """
 from __future__ import annotations
 
@@ -30,12 +33,18 @@ def read_run(run_dir: Path, image_size: int = 28) -> Episode:
     if not labels_file.is_file():
         raise DataError(f"{labels_file} is missing: not a one-shot run directory")
     pairs = [line.split() for line in labels_file.read_text().splitlines() if line.strip()]
-    if any(len(p) != 2 for p in pairs):
-        raise DataError(f"{labels_file}: every line must be 'test/itemNN.png training/classNN.png'")
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise DataError(f"{labels_file}: one line per test image, '{run_dir.name}/test/itemNN.png "
+                        f"{run_dir.name}/training/classNN.png'")
     classes = sorted({train for _, train in pairs})
+    for folder, listed in (("training", classes), ("test", [test for test, _ in pairs])):
+        found = len(list((run_dir / folder).glob("*.png")))
+        if found != len(listed):
+            raise DataError(f"{labels_file} names {len(listed)} {folder} images but {run_dir / folder} holds {found}")
     index = {name: i for i, name in enumerate(classes)}
-    support = np.stack([_load(run_dir / name, image_size) for name in classes])
-    query = np.stack([_load(run_dir / test, image_size) for test, _ in pairs])
+    where = lambda name: (run_dir.parent if Path(name).parts[0] == run_dir.name else run_dir) / name
+    support = np.stack([_load(where(name), image_size) for name in classes])
+    query = np.stack([_load(where(test), image_size) for test, _ in pairs])
     return Episode(support_x=support[None], support_y=np.arange(len(classes), dtype=np.int32)[None],
                    query_x=query[None], query_y=np.array([index[t] for _, t in pairs], np.int32)[None],
                    classes=np.arange(len(classes), dtype=np.int32)[None])
@@ -75,6 +84,7 @@ def write_runs(chars: CharacterSet, directory: str | Path, runs: int = 20, ways:
             save = lambda img, path: Image.fromarray(((1 - img) * 255).astype(np.uint8)).save(path)
             save(chars.images[c, train_drawer], run / "training" / f"class{j + 1:02d}.png")
             save(chars.images[c, test_drawer], run / "test" / f"item{order[j] + 1:02d}.png")
-            lines.append((order[j] + 1, f"test/item{order[j] + 1:02d}.png training/class{j + 1:02d}.png"))
+            test, training = f"test/item{order[j] + 1:02d}.png", f"training/class{j + 1:02d}.png"
+            lines.append((order[j] + 1, f"{run.name}/{test} {run.name}/{training}"))
         (run / "class_labels.txt").write_text("\n".join(line for _, line in sorted(lines)) + "\n")
     return directory
