@@ -6,6 +6,7 @@ import inspect
 
 from fsl_jax import meta, metric
 from fsl_jax import seg
+from fsl_jax.config import DEFAULTS
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
 from fsl_jax.nets import BACKBONES
@@ -54,11 +55,18 @@ def make_backbone(name: str, options: dict | None = None):
     return _call(BACKBONES[name], f"backbone {name!r}", options or {}, {})
 
 
+SEGMENTERS = ("prototype_segmenter", "siamese_unet", "maml_segmenter")
+
+
 def make_learner(config: dict, num_train_classes: int) -> Learner:
     """The learner a config describes. ``num_train_classes`` is offered to methods that ask for it."""
     name = config["method"]
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    backbone = make_backbone(config["backbone"], config["backbone_options"])
-    return _call(METHODS[name], f"method {name!r}", dict(config["method_options"]),
-                 {"backbone": backbone, "num_train_classes": num_train_classes})
+    context = {"num_train_classes": num_train_classes}
+    if "backbone" in inspect.signature(METHODS[name]).parameters:
+        context["backbone"] = make_backbone(config["backbone"], config["backbone_options"])
+    elif config["backbone"] != DEFAULTS["backbone"] or config["backbone_options"]:
+        raise ConfigError(f"method {name!r} builds its own network (see its method_options); it takes no backbone "
+                          f"or backbone_options, got {config['backbone']!r} {config['backbone_options']}")
+    return _call(METHODS[name], f"method {name!r}", dict(config["method_options"]), context)

@@ -25,7 +25,7 @@ from fsl_jax.config import check, complete, dump_config, read_config_file
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
-from fsl_jax.methods import make_learner
+from fsl_jax.methods import SEGMENTERS, make_learner
 from fsl_jax.tasks import load_task
 
 
@@ -57,8 +57,15 @@ class Experiment:
     def __init__(self, config: dict):
         self.config = config
         self.task = load_task(config)
+        if (config["method"] in SEGMENTERS) != (self.task.score == "iou"):
+            kind = "a segmenter" if config["method"] in SEGMENTERS else "a classifier"
+            raise ConfigError(f"method {config['method']!r} is {kind}; data.name {config['data']['name']!r} gives "
+                              f"{'segmentation' if self.task.score == 'iou' else 'classification'} tasks")
         self.train_sampler = self.task.train_sampler
         self.learner: Learner = make_learner(config, num_train_classes=self.task.num_train_classes)
+        if self.learner.batch_loss is not None and self.train_sampler.tasks < 2:
+            raise ConfigError(f"method {config['method']!r} with {config['method_options']} compares the tasks of a "
+                              f"batch (a contrastive term): episode.tasks must be at least 2, got {self.train_sampler.tasks}")
         self.optimiser = make_optimiser(config["optim"], config["train"]["steps"])
 
     def eval_sampler(self, episodes_per_batch: int = 10, **overrides):
@@ -78,8 +85,12 @@ def make_train_step(learner: Learner, optimiser: optax.GradientTransformation, m
     """``step(params, opt_state, batch, rng) -> (params, opt_state, loss, metrics)``, jitted.
 
     mesh: a task mesh (:func:`fsl_jax.meta.task_mesh`): each batch's tasks are split over its
-    devices (place batches with :func:`fsl_jax.meta.shard_tasks`), parameters replicated.
+    devices (place batches with :func:`fsl_jax.meta.shard_tasks`), parameters replicated. Not for
+    a ``batch_loss`` that couples the tasks (a contrastive term would see only each device's).
     """
+    if mesh is not None and learner.batch_loss is not None:
+        raise ConfigError("this learner's loss couples the tasks of a batch (a contrastive term): its tasks cannot "
+                          "be split over devices")
     loss_fn = learner.loss if mesh is None else sharded_loss(learner.loss, mesh)
 
     @jax.jit
@@ -240,7 +251,9 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     run_dir = Path(config["out"])
     saved = run_dir / "config.yaml"
     if saved.exists():
-        differences = _config_differences(complete(read_config_file(saved)), config)
+        # where the run and its data lie (out, data.dir) may change: a moved run resumes
+        differences = [d for d in _config_differences(complete(read_config_file(saved)), config)
+                       if not d.startswith(("out:", "data.dir:"))]
         if differences:
             raise ConfigError(f"run directory {run_dir} holds a run of a different config ({'; '.join(differences)}); "
                               "choose another `out`")
@@ -253,6 +266,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     eval_sampler = experiment.eval_sampler()
     params = experiment.init_params()
     opt_state = experiment.optimiser.init(params)
+    try:  # an optax optimiser that wants more than gradients (L-BFGS's value_fn, say) fails here, not in step 1
+        jax.eval_shape(experiment.optimiser.update, params, opt_state, params)
+    except TypeError as err:
+        raise ConfigError(f"optim.name {config['optim']['name']!r} is not an optimiser of gradients alone: {err}") from err
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(dump_config(config))
     manager = _checkpoint_manager(run_dir, config)
@@ -268,8 +285,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
 
     base_key = jax.random.PRNGKey(config["train"]["seed"])
     sampler = experiment.train_sampler
-    # Several devices: each batch's tasks are split over them, when the task count allows.
-    mesh = task_mesh() if jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0 else None
+    # Several devices: each batch's tasks are split over them, when the task count allows and the loss
+    # does not couple them.
+    split = jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0 and experiment.learner.batch_loss is None
+    mesh = task_mesh() if split else None
     steps_fn = make_train_steps(experiment.learner, experiment.optimiser, mesh)
     if mesh is not None:
         params, opt_state = replicate((params, opt_state), mesh)
@@ -326,6 +345,9 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                     raise TrainingDiverged(last, None, manager.latest_step())
                 manager.save(last, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
             first = last + 1
+    except TrainingDiverged:
+        plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
+        raise
     finally:
         bar.close()
         manager.wait_until_finished()

@@ -148,3 +148,29 @@ def test_miou_counts_every_class_id_a_fixed_set_holds():
                      task_predict=lambda params, task, rng: task.query_x[..., 0] - 0.5)  # the squares exactly
     result = evaluate_segmentation(bright, {}, FixedEpisodes(batch, 3), 3, progress=False)
     assert result["iou"] == result["miou"] == 1.0
+
+
+def test_segmenter_options_are_checked_when_built():
+    from fsl_jax.errors import ConfigError
+
+    for make, message in [(lambda: prototype_segmenter(UNet(widths=(4, 8)), scale=0), "scale must be a positive number"),
+                          (lambda: siamese_unet(contrast_weight=1.0, temperature=0.0), "temperature must be a positive number")]:
+        with pytest.raises(ConfigError, match=message):
+            make()
+    one_channel = prototype_segmenter(UNet(widths=(4, 8), outputs=1))  # cosines of +-1: every logit 0
+    with pytest.raises(ConfigError, match="needs features of at least 2 channels, its backbone gives 1"):
+        one_channel.init(jax.random.PRNGKey(0), first_task(toy_batch()))
+    with pytest.raises(ConfigError, match="unet outputs must be a positive integer, got 0"):
+        UNet(widths=(4, 8), outputs=0).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_a_loss_coupling_the_tasks_is_never_split_over_devices():
+    """A contrastive term computed per device would compare each device's tasks only (none, with one task each)."""
+    import optax
+
+    from fsl_jax.errors import ConfigError
+    from fsl_jax.meta import task_mesh
+    from fsl_jax.train import make_train_step
+
+    with pytest.raises(ConfigError, match="couples the tasks of a batch"):
+        make_train_step(siamese_unet(widths=(4, 8), contrast_weight=1.0), optax.sgd(0.1), task_mesh())

@@ -21,6 +21,17 @@ TINY_CLUTTER = ["method_options={widths: [4, 8]}", "data.name=cluttered_omniglot
                 "eval.every=2", "eval.pictures=2", "train.steps=2", "train.log_every=1", "train.checkpoint_every=2"]
 
 
+def test_segmenter_configs_that_cannot_train_fail_before_the_run_directory(tmp_path):
+    for extra, message in [(["backbone=resnet12"], "method 'siamese_unet' builds its own network"),
+                           (["episode.tasks=1", "method_options={widths: [4, 8], contrast_weight: 1.0}"],
+                            "compares the tasks of a batch .*: episode.tasks must be at least 2, got 1"),
+                           (["method=protonet", "method_options={}"], "method 'protonet' is a classifier")]:
+        config = load_config(None, ["method=siamese_unet", *TINY_CLUTTER, f"out={tmp_path / 'run'}", *extra])
+        with pytest.raises(ConfigError, match=message):
+            train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_task_kind_has_config_blocks():
     assert set(TASKS) == {DEFAULTS["data"]["name"], *TASK_DEFAULTS}
     config = load_config(None, ["data.name=omniglot_seg", "episode.shots=5"])
@@ -70,6 +81,13 @@ def test_cli_trains_and_evaluates_a_cluttered_run(tmp_path, capsys):
     fixed = str(tmp_path / "sets" / "distractors_4")
     assert main(["eval", "--run", str(tmp_path / "run"), "--episodes-dir", fixed, "--episodes", "4"]) == 1
     assert "--episodes 4 is more than the 3 episodes in" in capsys.readouterr().err
+    grey = tmp_path / "sets" / "grey"
+    grey.mkdir()
+    for field in ("support_x", "query_x", "support_mask", "query_mask", "classes", "distractors"):
+        array = np.load(tmp_path / "sets" / "distractors_4" / f"{field}.npy")
+        np.save(grey / f"{field}.npy", array[..., :1] if field.endswith("_x") else array)
+    assert main(["eval", "--run", str(tmp_path / "run"), "--episodes-dir", str(grey)]) == 1
+    assert "holds 1-channel images; " in capsys.readouterr().err
     (tmp_path / "sets" / "distractors_4" / "classes.npy").write_text("garbage")
     assert main(["eval", "--run", str(tmp_path / "run"), "--episodes-dir", fixed]) == 1
     assert re.search(r"cannot read .*classes\.npy as a numpy array", capsys.readouterr().err)

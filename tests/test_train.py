@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -117,6 +118,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, per_call):
     assert step == err.checkpoint_step == err.step - 1  # the state just before the bad step is kept
     assert f"checkpoint (step {step}) is kept" in str(err)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+    assert (tmp_path / "run" / "curves.png").is_file()  # the curves up to the divergence
 
 
 def test_parameters_that_an_update_breaks_are_never_checkpointed(tmp_path, monkeypatch):
@@ -145,6 +147,18 @@ def test_a_different_config_cannot_reuse_a_run_directory(tmp_path):
         train(tiny_config(tmp_path, "optim.lr=0.01"), progress=False)
 
 
+def test_a_moved_run_resumes(tmp_path):
+    """Where a run and its data lie (out, data.dir) is not what the run is: moved, it resumes."""
+    import shutil
+
+    from fsl_jax.data.omniglot import data_root
+
+    train(tiny_config(tmp_path, name="before"), progress=False, stop_after=3)
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    run = train(tiny_config(tmp_path, f"data.dir={data_root(None)}", name="after"), progress=False)
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_config_that_fails_leaves_no_run_directory_behind(tmp_path):
     """A bad data directory or setting is reported before the run directory is written, so the
     corrected config can use the same `out`."""
@@ -153,7 +167,10 @@ def test_a_config_that_fails_leaves_no_run_directory_behind(tmp_path):
     for bad, message in [("train.steps_per_call=0", "steps_per_call"), ("eval.every=0", "eval.every must be a positive"),
                          ("train.keep_checkpoints=0", "keep_checkpoints"), ("train.steps=0", "train.steps"),
                          ("optim.lr=.nan", "optim.lr must be a positive number, got nan"),
-                         ("eval.ways=500", "ways"), ("train.checkpoint_every=2", "multiple of train.log_every")]:
+                         ("eval.ways=500", "ways"), ("train.checkpoint_every=2", "multiple of train.log_every"),
+                         ("optim.name=lbfgs", "optim.name 'lbfgs' is not an optimiser of gradients alone"),
+                         ("method=prototype_segmenter", "method 'prototype_segmenter' is a segmenter; data.name "
+                                                        "'omniglot' gives classification tasks")]:
         with pytest.raises((ConfigError, DataError), match=message):
             train(tiny_config(tmp_path, bad, "train.log_every=3" if "checkpoint_every" in bad else "eval.seed=1"),
                   progress=False)
@@ -173,6 +190,9 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ways"] == 3 and result["shots"] == 2 and result["episodes"] == 12
     assert 0.0 <= result["accuracy"] <= 1.0 and result["ci95"] > 0
+    assert main(["eval", "--run", str(tmp_path / "run"), "--episodes", "1", "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line, parse_constant=pytest.fail)["ci95"] is None  # strict JSON: no NaN for one episode
 
     main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "3"])
     assert main(["data", "lake-runs", "--out", str(tmp_path / "lake"), "--runs", "2"]) == 1
@@ -195,6 +215,29 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
                           (["--picture", str(tmp_path / "p.png")], "--picture draws segmentations")]:
         assert main(["eval", "--run", run, *args]) == 1
         assert message in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("kept")
+    assert main(["train", "--config", str(config), "--set", f"out={tmp_path / 'a_file' / 'run'}"]) == 1
+    assert "a_file/run" in capsys.readouterr().err  # an OSError, named by its path: no traceback
+    for flags in (["data", "lake-runs", "--episodes", "3"], ["bench", "train", "--config", str(config), "--tasks", "9"],
+                  ["bench", "maml", "--config", str(config)]):
+        with pytest.raises(SystemExit):  # a flag of another command is refused, not ignored
+            main(flags)
+    assert main(["data", "lake-runs", "--seed", "-1"]) == 1
+    assert "--seed must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_an_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
+    from fsl_jax.outputs import write_replacing
+
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "keep").write_text("kept")
+    monkeypatch.chdir(tmp_path / "inner")
+    for out in (".", "..", "../inner"):
+        with pytest.raises(ConfigError, match="holds the current directory"):
+            write_replacing(Path(out), lambda d: d.mkdir())
+    assert (tmp_path / "inner" / "keep").read_text() == "kept"
+    write_replacing(Path("../beside"), lambda d: d.mkdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside", "inner"]
 
 
 def test_yaml_errors_name_their_source(tmp_path, capsys):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.errors import ConfigError
+from fsl_jax.errors import ConfigError, check_count
 from fsl_jax.nets.layers import conv, max_pool
 
 UPSAMPLING = ("bilinear", "transpose")
@@ -104,5 +104,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        for name, value in (("outputs", self.outputs), ("convs", self.convs), *(("widths", w) for w in self.widths)):
+            check_count(f"unet {name}", value)
         x, skips = UNetEncoder(self.widths, self.convs, self.im2col, name="encoder")(x)
         return UNetDecoder(self.upsample, self.outputs, self.convs, self.im2col, name="decoder")(x, skips)

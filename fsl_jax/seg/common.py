@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from fsl_jax import metrics
+from fsl_jax.errors import check_positive
 from fsl_jax.learner import Metrics, map_tasks
 
 
@@ -58,6 +59,7 @@ def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature
     support's object from the others; this term gives its features that signal directly.
     task_terms(params, task, rng) -> (loss, metrics, support code [D], query target code [D]).
     """
+    check_positive("temperature", temperature)
 
     def batch_loss(params, batch, rng):
         losses, task_metrics, codes, targets = map_tasks(task_terms, task_map)(params, batch, rng)

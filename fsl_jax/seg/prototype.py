@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fsl_jax.errors import ConfigError, check_positive
 from fsl_jax.learner import Learner
 from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss
 
@@ -28,6 +29,7 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         prototype against the queries' targets, :func:`fsl_jax.seg.common.contrastive_batch_loss`; 0: off).
     temperature: that term's softmax temperature on cosine similarities.
     """
+    check_positive("scale", scale)
 
     def embed(params, task):
         """Support and query features; one pass (one set of BatchNorm statistics) when sizes agree."""
@@ -63,7 +65,14 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
             metrics = {**metrics, "align_loss": align}
         return loss, metrics, foreground, prototypes(query, task.query_mask)[0]
 
-    return Learner(init=lambda rng, task: backbone.init(rng, task.query_x)["params"],
+    def init(rng, task):
+        features, variables = backbone.init_with_output(rng, task.query_x)
+        if features.shape[-1] < 2:  # the cosine of one-channel features is +-1: every logit would be 0
+            raise ConfigError(f"the prototype segmenter needs features of at least 2 channels, its backbone gives "
+                              f"{features.shape[-1]} (unet: raise backbone_options.outputs)")
+        return variables["params"]
+
+    return Learner(init=init,
                    task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,
                    task_map=task_map,
                    batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature) if contrast_weight else None)
