@@ -71,10 +71,14 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("FSL_JAX_CACHE", str(tmp_path / "cache"))
     chars = load_omniglot(None, 14)
     [cache] = (tmp_path / "cache").glob("omniglot-*-14.npz")
-    cache.write_bytes(b"not an npz")
-    again = load_omniglot(None, 14)
-    np.testing.assert_array_equal(again.images, chars.images)
-    assert np.load(cache)["images"].shape == chars.images.shape
+    plain_npy = io.BytesIO()
+    np.save(plain_npy, np.zeros(3))
+    for damage in (b"not an npz", b"", plain_npy.getvalue()):
+        cache.write_bytes(damage)
+        again = load_omniglot(None, 14)
+        np.testing.assert_array_equal(again.images, chars.images)
+        assert np.load(cache)["images"].shape == chars.images.shape
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]  # no temporary file left
 
 
 def test_missing_drawers_are_reported(tmp_path):
@@ -220,6 +224,14 @@ def test_lake_runs_round_trip(omniglot105, tmp_path):
     labels.write_text("\n")
     with pytest.raises(DataError, match="one line per test image"):
         read_runs(tmp_path)
+
+
+def test_tfds_reads_its_data_with_the_pinned_packages(tmp_path):
+    """tensorflow-datasets 4.9 finds its dataset code through importlib_resources, which the `data` extra
+    installs (etils no longer brings it): without it every load of prepared data failed with
+    ModuleNotFoundError. ``code_path`` is the lookup that needs it, reached here without any data."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    assert tfds.builder("omniglot", data_dir=str(tmp_path)).code_path.name == "omniglot.py"
 
 
 def test_tfds_source_groups_and_deduplicates(monkeypatch):

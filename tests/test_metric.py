@@ -111,6 +111,15 @@ def test_images_too_small_for_the_pooling_are_named():
     assert SMALL.apply(SMALL.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1))), jnp.zeros((2, 16, 16, 1))).shape == (2, 1, 1, 16)
 
 
+def test_init_gives_parameters_only():
+    """BatchNorm records statistics only when asked (mutable=["norm_stats"]): from init, net.apply(variables, x)
+    would normalise every later batch with the init batch's statistics."""
+    x = jnp.asarray(np.random.default_rng(0).random((4, 28, 28, 1)), jnp.float32)
+    variables = SMALL.init(jax.random.PRNGKey(0), x)
+    assert set(variables) == {"params"}
+    np.testing.assert_allclose(SMALL.apply(variables, 3 * x), SMALL.apply(variables, x), atol=1e-4)  # own statistics
+
+
 def test_resnet12_feature_map_and_frozen_statistics(tiny_chars):
     from fsl_jax.nets import ResNet12
 

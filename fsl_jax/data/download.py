@@ -72,14 +72,23 @@ def _checked(partial: Path, name: str) -> Path:
 
 
 def from_tfds(splits=("small1", "small2"), data_dir: str | None = None) -> CharacterSet:
-    """Omniglot through tensorflow-datasets (``pip install fsl_jax[data]``), deduplicated like the zips."""
+    """Omniglot through tensorflow-datasets (``pip install fsl_jax[data]``), deduplicated like the zips.
+
+    tensorflow-datasets keeps no drawer numbers: ``images[c, d]`` is the d-th image of character c in
+    the dataset's order, not drawer d+1 as from the zips (the classification samplers draw drawers at
+    random, so they are unaffected; a sampler given drawer numbers gets other drawers than Lake's).
+    """
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise DataError("tensorflow-datasets is not installed: pip install 'fsl_jax[data]'") from err
     chars: dict[tuple[str, int], list[np.ndarray]] = {}
     for split_name in splits:
-        dataset, info = tfds.load("omniglot", split=split_name, data_dir=data_dir, with_info=True)
+        try:
+            dataset, info = tfds.load("omniglot", split=split_name, data_dir=data_dir, with_info=True)
+        except Exception as err:  # tfds raises many kinds (a missing download, a missing module, a bad folder)
+            raise DataError(f"tensorflow-datasets could not load omniglot {split_name!r} (data_dir {data_dir}): "
+                            f"{type(err).__name__}: {err}") from err
         alphabet_name = info.features["alphabet"].int2str
         for example in tfds.as_numpy(dataset):
             key = (alphabet_name(example["alphabet"]), int(example["alphabet_char_id"]))

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -163,13 +164,16 @@ def load_omniglot(data_dir=None, image_size: int = 28) -> CharacterSet:
         try:
             with np.load(cache) as f:
                 return CharacterSet(f["images"], tuple(f["alphabets"]), tuple(f["characters"]))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            pass  # a damaged cache is rebuilt from the zips below
+        except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
+            pass  # a damaged cache (empty, truncated, not an .npz) is rebuilt from the zips below
     chars = read_zips(zips).resized(image_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, images=chars.images, alphabets=np.array(chars.alphabets), characters=np.array(chars.characters))
-    os.replace(tmp, cache)  # atomic: a killed process never leaves a half-written cache
+    # a temporary file of this process's own, then an atomic rename: a killed process never leaves a
+    # half-written cache, and processes building the same cache at once never take each other's file
+    handle, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}-", suffix=".npz")
+    with os.fdopen(handle, "wb") as f:
+        np.savez(f, images=chars.images, alphabets=np.array(chars.alphabets), characters=np.array(chars.characters))
+    os.replace(tmp, cache)
     return chars
 
 

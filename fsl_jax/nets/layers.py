@@ -34,7 +34,7 @@ class BatchNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axes)
             var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
-            if self.is_mutable_collection("norm_stats"):
+            if self.is_mutable_collection("norm_stats") and not self.is_initializing():  # init: parameters only
                 self.put_variable("norm_stats", "mean", mean)
                 self.put_variable("norm_stats", "var", var)
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
