@@ -3,8 +3,9 @@
 
     .venv/bin/python experiments/export_models.py [--runs-dir runs/export] [--steps 50]
 
-A family's run is ``RUNS_DIR/<family>`` (trained here for ``--steps`` steps when it has no
-checkpoint yet; pass a longer-trained run directory with ``--run family=DIR``). Exports go
+A family's run is ``RUNS_DIR/<family>`` (trained here for ``--steps`` steps, an interrupted one
+finished, a complete one reused, one of other steps refused; pass a longer-trained run directory
+with ``--run family=DIR``). Exports go
 to ``RUNS_DIR/exports/``. Parity is the largest absolute difference from JAX on
 held-out inputs (Core ML: the saved package run by the numpy MIL evaluator on 8-bit inputs).
 """
@@ -32,8 +33,7 @@ EXPORTS = (("coreml", "fp32"), ("coreml", "fp16"), ("savedmodel", "fp32"))
 
 
 def ensure_run(directory: Path, overrides: list[str], steps: int) -> Path:
-    if (directory / "checkpoints").is_dir() and any((directory / "checkpoints").iterdir()):
-        return directory
+    """Train (or finish, or reuse if complete) the run; one of another config or --steps is refused by train()."""
     every = max(steps // 2, 1)
     config = load_config(None, overrides + [f"train.steps={steps}", f"train.log_every={every}",
                                             f"train.checkpoint_every={every}", f"eval.every={steps}",

@@ -65,6 +65,9 @@ def main():
     parser.add_argument("--episodes", type=int, default=1000)
     args = parser.parse_args()
     paths = sorted((HERE / "omniglot").glob("*.yaml"))
+    unknown = sorted(set(args.configs) - {p.stem for p in paths})
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; known: {sorted(p.stem for p in paths)}")
     if args.configs:
         paths = [p for p in paths if p.stem in args.configs]
     _, held_out = split(load_omniglot(image_size=105))

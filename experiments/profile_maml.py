@@ -7,7 +7,8 @@ Builds the step of ``fsl-jax bench maml`` (Conv4, 28x28x1, 5-way 1-shot, 15 quer
 XLA operation (``ynn_fusion``: matrix products; ``*_fusion``, ``concatenate``, ``copy``,
 ``wrapped_broadcast``: memory-bound work), per meta-step. The slowest operations are listed
 with their output shape and the JAX operation they came from (the HLO metadata). Writes
-experiments/results/profile_maml.md. Times are summed over threads: XLA runs unrolled tasks side
+experiments/results/profile_maml.md (the defaults, which the README quotes; other settings write
+profile_maml_<variant>.md beside it). Times are summed over threads: XLA runs unrolled tasks side
 by side, so on a 2-core CPU the total can approach twice the wall time of a step. XLA's cost
 analysis of one meta-step (FLOPs, bytes of memory read and written) heads the table.
 """
@@ -99,7 +100,10 @@ def main():
     lines += [f"| {name} | {ms:.1f} | {origins[name][0]} | `{origins[name][1][-90:]}` |"
               for name, ms in per_op.most_common(args.top)]
     text = "\n".join(lines) + "\n"
-    (HERE / "results" / "profile_maml.md").write_text(text)
+    # the README quotes the second-order profile at the defaults; other variants are written beside it
+    variant = ("_reptile" if args.reptile else "_first_order" if args.first_order else "") + \
+        (f"_{args.steps_per_call}_per_call" if args.steps_per_call != 10 else "")
+    (HERE / "results" / f"profile_maml{variant}.md").write_text(text)
     print(text)
 
 

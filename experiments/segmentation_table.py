@@ -99,6 +99,9 @@ def main():
     parser.add_argument("configs", nargs="*", help="config stems (default: all in experiments/segmentation but demo)")
     args = parser.parse_args()
     paths = [p for p in sorted((HERE / "segmentation").glob("*.yaml")) if p.stem != "demo"]
+    unknown = sorted(set(args.configs) - {p.stem for p in paths})
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; known: {sorted(p.stem for p in paths)}")
     if args.configs:
         paths = [p for p in paths if p.stem in args.configs]
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
