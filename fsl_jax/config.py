@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS
-from fsl_jax.errors import ConfigError, check_positive
+from fsl_jax.errors import ConfigError, check_count, check_positive
 
 FREE_FORM = ("method_options", "backbone_options")
 
@@ -194,11 +194,8 @@ _KINDS = {bool: "true or false", str: "a string", list: "a list"}
 
 def check_value(key: str, value, kind: type, least: int | None = None) -> None:
     """``value`` has the ``kind`` and range of ``key``, or a ConfigError names both."""
-    least = MINIMUM.get(key.split("[")[0], 1) if least is None else least
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and not (number and isinstance(value, int) and value >= least):
-        wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer of at least {least}")
-        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+    if kind is int:
+        check_count(key, value, MINIMUM.get(key.split("[")[0], 1) if least is None else least)
     if kind is float:
         check_positive(key, value)
     if kind in _KINDS and not isinstance(value, kind):

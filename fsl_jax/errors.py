@@ -40,7 +40,8 @@ def check_positive(name: str, value) -> None:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
-def check_count(name: str, value) -> None:
-    """A ConfigError naming ``name`` unless ``value`` is an integer of at least 1 (a number of steps, say)."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+def check_count(name: str, value, least: int = 1) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is an integer of at least ``least`` (a number of steps, say)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(least, f"an integer of at least {least}")
+        raise ConfigError(f"{name} must be {wanted}, got {value!r}")

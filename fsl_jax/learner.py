@@ -21,13 +21,17 @@ Metrics = dict[str, jax.Array]
 TASK_MAPS = ("vmap", "map", "unroll")
 
 
+def check_task_map(how: str) -> None:
+    if how not in TASK_MAPS:
+        raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
+
+
 def map_tasks(fn: Callable, how: str) -> Callable:
     """Apply ``fn(params, task, rng)`` to every task of a batch: ``vmap`` (one batched program),
     ``map`` (``lax.map``: one task at a time) or ``unroll`` (each task traced on its own: a
     program as many times larger, whose independent tasks XLA's CPU runtime runs side by side
     on its threads; faster on CPU for small task batches, slower to compile)."""
-    if how not in TASK_MAPS:
-        raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
+    check_task_map(how)
 
     def mapped(params, batch, rng):
         rngs = jax.random.split(rng, jax.tree.leaves(batch)[0].shape[0])
@@ -59,9 +63,8 @@ class Learner:
     task_map: str = "vmap"
     batch_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
 
-    def __post_init__(self):
-        if self.task_map not in TASK_MAPS:
-            raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {self.task_map!r}")
+    def __post_init__(self):  # a bad task_map is named when the learner is built, not at its first trace
+        check_task_map(self.task_map)
 
     def loss(self, params: Params, batch, rng) -> tuple[jax.Array, Metrics]:
         """Loss and metrics of a batch of tasks: ``batch_loss``, or the mean of ``task_loss`` over the tasks."""

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import keystr
 
-from fsl_jax.errors import ConfigError, check_positive
+from fsl_jax.errors import ConfigError, check_count, check_positive
 
 Params = Any
 
@@ -31,8 +31,8 @@ def check_inner_loop(inner_steps, test_inner_steps, inner_lr) -> None:
     """A MAML-style learner's inner-loop options, each named when it is wrong: the step counts are
     non-negative integers (or None: as in training), the learning rate a positive number."""
     for name, steps in (("inner_steps", inner_steps), ("test_inner_steps", test_inner_steps)):
-        if steps is not None and (not isinstance(steps, int) or steps < 0):
-            raise ConfigError(f"{name} must be a non-negative integer, got {steps!r}")
+        if steps is not None:
+            check_count(name, steps, least=0)
     check_positive("inner_lr", inner_lr)
 
 
@@ -76,8 +76,7 @@ def adapt(apply_fn: Callable[[Params, Any], Any], loss_fn: Callable[[Any, Any], 
     unroll: passed to ``jax.lax.scan`` (``True`` unrolls all steps: longer compilation,
         sometimes faster steps).
     """
-    if not isinstance(steps, int) or steps < 0:
-        raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+    check_count("steps", steps, least=0)
     leaves, treedef = jax.tree.flatten(params)
     adapts = _per_leaf(True if mask is None else mask, treedef, "mask")
     rates = _per_leaf(lr, treedef, "lr")
