@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+# coremltools logs at import that the pinned TensorFlow and Torch are newer than the versions it was tested
+# with; its other messages stay.
+logging.getLogger("coremltools").addFilter(lambda record: "has not been tested with coremltools" not in
+                                           record.getMessage())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from bridges.models import Exportable, Input, check_image_size
 from fsl_jax.errors import DataError, ExportError
 from fsl_jax.methods import make_backbone
-from fsl_jax.seg.common import cosine, masked_average, resize
+from fsl_jax.seg.common import cosine, resize, shot_average
 
 SEGMENTERS = ("prototype_segmenter", "siamese_unet", "maml_segmenter")
 
@@ -59,8 +59,8 @@ def prototype_segmenter_model(config: dict, params, support: SegSupport, metadat
     support_features = backbone.apply({"params": params, "norm_stats": stats(support_ref)}, jnp.asarray(support.images))
     weights = resize(jnp.asarray(support.masks)[..., None], *support_features.shape[1:3])[..., 0]
     baked = {"backbone": params, "norm_stats": stats(query_ref),
-             "foreground": masked_average(support_features, weights),
-             "background": masked_average(support_features, 1.0 - weights)}
+             "foreground": shot_average(support_features, weights),
+             "background": shot_average(support_features, 1.0 - weights)}
     height, width = support.queries.shape[1:3]
 
     def apply(p, x):

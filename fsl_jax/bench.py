@@ -25,8 +25,9 @@ def add_arguments(parser) -> list:
     train.add_argument("--config", required=True, help="the config whose training step is timed")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     maml = what.add_parser("maml", help="seconds per MAML meta-step: Conv4, 28x28x1, 5-way 1-shot, 15 queries per class")
-    for command in (train, maml):
-        command.add_argument("--steps", type=int, default=10, help="timed calls after compilation")
+    for command, least in ((train, 1), (maml, 5)):
+        command.add_argument("--steps", type=int, default=10,
+                             help=f"timed calls after compilation (default %(default)s, at least {least})")
     maml.add_argument("--method", choices=["maml", "reptile"], default="maml")
     maml.add_argument("--first-order", action="store_true", help="FOMAML instead of second-order MAML")
     maml.add_argument("--tasks", type=int, default=4, help="tasks per meta-batch")

@@ -82,6 +82,10 @@ def cmd_eval(args) -> dict:
         sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries,
                                           distractors=args.distractors)
         described, episodes = experiment.task.describe(sampler), config["eval"]["episodes"]
+        levels = sorted(set(described.get("distractors", [])))
+        if args.episodes is not None and args.episodes < len(levels):
+            raise ConfigError(f"--episodes {args.episodes} is fewer than the {len(levels)} distractor levels {levels}: "
+                              "every level needs at least one episode")
     result = {"run": str(args.run), "step": step, **described,
               **experiment.evaluate(params, sampler, episodes if args.episodes is None else args.episodes,
                                    progress=not args.no_progress)}
@@ -150,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a run on held-out classes, Lake's one-shot runs or a fixed set")
     ev.add_argument("--run", required=True, type=Path)
-    ev.add_argument("--ways", type=int)
-    ev.add_argument("--shots", type=int)
-    ev.add_argument("--queries", type=int)
-    ev.add_argument("--episodes", type=int)
+    ev.add_argument("--ways", type=int, help="classes per episode (default: the run's eval.ways, else its training ways)")
+    ev.add_argument("--shots", type=int,
+                    help="support examples per class (default: the run's eval.shots, else its training shots)")
+    ev.add_argument("--queries", type=int, help="query examples per class (default: the run's eval.queries)")
+    ev.add_argument("--episodes", type=int,
+                    help="episodes to score, at least one per distractor level (default: the run's eval.episodes; "
+                         "with --episodes-dir, the whole set)")
     ev.add_argument("--distractors", type=int, nargs="+", help="cluttered scenes: the distractor levels")
     ev.add_argument("--lake-runs", type=Path, help="a directory of runNN folders in Lake's layout")
     ev.add_argument("--episodes-dir", type=Path, help="segmentation: a fixed set of episodes (.npy per field)")
@@ -187,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(export)
     export.set_defaults(func=cmd_export)
 
+    root = "data root (else $FSL_JAX_DATA, else ../shared/data)"
+    run_root = f"{root}; for data.name fss, the folder of class folders itself (a root holds it as fss1000/)"
+    data_dir = {train: run_root, ev: run_root, benches[0]: run_root, export: run_root,  # benches[0]: bench train
+                download: "required: the zips go to DATA_DIR/omniglot"}
     for command in (train, ev, *benches, download, lake, cluttered, export):
-        command.add_argument("--data-dir", help="data root (else $FSL_JAX_DATA, else ../shared/data)")
+        command.add_argument("--data-dir", help=data_dir.get(command, root))
         command.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -204,6 +215,9 @@ def main(argv=None) -> int:
     except (FslJaxError, OSError) as err:  # OSError: a path that cannot be read or written, named by it
         print(f"fsl-jax: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (train's says how its run resumes), not a traceback
+        print(f"fsl-jax: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
+        return 130
     result.setdefault("seconds", round(time.perf_counter() - start, 2))
     print(json.dumps(_strict(result)))
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS
+from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, SMALL_BACKGROUND
 from fsl_jax.errors import ConfigError, check_count, check_positive
 
 FREE_FORM = ("method_options", "backbone_options")
@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "image_size": 28,
         "rotations": True,  # 90-degree rotations of training characters as new classes
         "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+        "zips": list(SMALL_BACKGROUND),  # the zips read: the two small background sets (not Lake's evaluation set)
     },
     "episode": {"ways": 20, "shots": 1, "queries": 15, "tasks": 1},
     "eval": {
@@ -105,6 +106,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
             "name": "cluttered_omniglot",
             "dir": None,
             "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+            "zips": list(SMALL_BACKGROUND),
             "scene_size": 96,
             "exemplar_size": 32,
             "char_size": 32,  # pixels a 105-pixel Omniglot character spans at scale 1
@@ -112,12 +114,14 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         },
         "episode": {"tasks": 8},  # scenes (each with its exemplar) per training step
         "eval": {
-            "distractors": [4, 32, 256],
+            # the published levels of 4, 32 and 256 characters per scene, which count the target
+            "distractors": [3, 31, 255],
             "episodes": 900,  # in all: the levels take turns
             "every": 500,
             "curve_episodes": 90,
             "seed": 1234,
             "pictures": 6,  # rows of the PNG that `fsl-jax eval` writes
+            "threshold": 0.3,  # a pixel is foreground where p > this: the published protocol's (its calculate_IoU)
         },
     },
     "omniglot_seg": {  # K-shot segmentation episodes of Omniglot scenes
@@ -125,13 +129,14 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
             "name": "omniglot_seg",
             "dir": None,
             "test_alphabets": list(DEFAULT_TEST_ALPHABETS),
+            "zips": list(SMALL_BACKGROUND),
             "scene_size": 64,
             "char_size": 24,
             "distractors": [8],
         },
         "episode": {"shots": 1, "queries": 2, "tasks": 4},
         "eval": {"shots": None, "queries": 2, "episodes": 1000, "every": 500, "curve_episodes": 100, "seed": 1234,
-                 "pictures": 6},
+                 "pictures": 6, "threshold": 0.5},  # threshold: a pixel is foreground where p > this
     },
     "fss": {  # K-shot segmentation episodes from a folder in the FSS-1000 layout
         "data": {
@@ -143,7 +148,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         },
         "episode": {"shots": 1, "queries": 1, "tasks": 4},
         "eval": {"shots": None, "queries": 1, "episodes": 1000, "every": 500, "curve_episodes": 100, "seed": 1234,
-                 "pictures": 6},
+                 "pictures": 6, "threshold": 0.5},
     },
 }
 
@@ -188,7 +193,7 @@ OPTIONAL_TYPES = {"name": str, "out": str, "data.dir": str, "data.test_classes":
 MINIMUM = {"train.seed": 0, "eval.seed": 0, "optim.warmup_steps": 0, "episode.ways": 2, "eval.ways": 2,
            "data.distractors": 0, "eval.distractors": 0}
 # The type of a list key's items, where its default is None or empty.
-ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str}
+ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str, "data.zips": str}
 _KINDS = {bool: "true or false", str: "a string", list: "a list"}
 
 

@@ -26,6 +26,19 @@ def check_task_map(how: str) -> None:
         raise ConfigError(f"task_map must be one of {TASK_MAPS}, got {how!r}")
 
 
+def init_params(module, rng, *args) -> Params:
+    """``module.init(rng, *args)["params"]``, refusing a module that keeps other state: a learner's
+    parameters are its whole state, so BatchNorm must be :class:`fsl_jax.nets.BatchNorm` (each
+    batch's own statistics), not ``flax.linen.BatchNorm`` (running averages in ``batch_stats``)."""
+    variables = module.init(rng, *args)
+    other = sorted(set(variables) - {"params"})
+    if other:
+        raise ConfigError(f"{type(module).__name__} keeps variables outside 'params' ({other}): fsl_jax learners "
+                          "carry parameters only; use fsl_jax.nets.BatchNorm (each batch's own statistics) for "
+                          "flax.linen.BatchNorm, and keep no other mutable state")
+    return variables.get("params", {})
+
+
 def map_tasks(fn: Callable, how: str) -> Callable:
     """Apply ``fn(params, task, rng)`` to every task of a batch: ``vmap`` (one batched program),
     ``map`` (``lax.map``: one task at a time) or ``unroll`` (each task traced on its own: a

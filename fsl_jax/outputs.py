@@ -24,7 +24,8 @@ def write_replacing(path: Path, write: Callable[[Path], T]) -> T:
 
     What ``path`` held is replaced only once ``write`` has returned, so a failure leaves it as
     it was and old and new files are never mixed; the partial output never outlives the call.
-    Returns what ``write`` returns.
+    A file replaces a file in one step (``os.replace``), so even a kill leaves the old or the new
+    one; a directory's old tree is removed first. Returns what ``write`` returns.
     """
     path = Path(path).resolve()  # resolved, so the partial of "." or ".." lies beside it, not inside it
     if Path.cwd().resolve().is_relative_to(path):
@@ -34,7 +35,8 @@ def write_replacing(path: Path, write: Callable[[Path], T]) -> T:
     partial.parent.mkdir(parents=True, exist_ok=True)
     try:
         result = write(partial)
-        remove(path)
+        if partial.is_dir() or path.is_dir():
+            remove(path)
         os.replace(partial, path)
         return result
     finally:

@@ -7,7 +7,7 @@ segmentation share the loop, checkpoints, resumption and run directories.
 
 - ``omniglot``: N-way K-shot classification episodes (accuracy).
 - ``cluttered_omniglot``: one-shot segmentation in clutter (Michaelis et al. 2018), IoU per
-  number of distractors.
+  number of distractors (the paper's level N, counted in characters, is N - 1 distractors).
 - ``omniglot_seg``: K-shot segmentation episodes of Omniglot scenes (mIoU, FB-IoU).
 - ``fss``: K-shot segmentation episodes from a folder in the FSS-1000 layout (mIoU, FB-IoU).
 
@@ -117,14 +117,18 @@ def classification(config: dict) -> TaskData:
 # Segmentation ---------------------------------------------------------------------------------
 
 def _segmentation(config: dict, train_sampler, make_eval, num_train: int, allowed, describe) -> TaskData:
-    """TaskData of a segmentation source."""
+    """TaskData of a segmentation source, scored at the probability threshold ``eval.threshold``."""
     from fsl_jax.seg.evaluation import evaluate_segmentation, write_grid
 
+    threshold = config["eval"]["threshold"]
+    if not 0 < threshold < 1:
+        raise ConfigError(f"eval.threshold must be a probability between 0 and 1 (exclusive), got {threshold!r}")
+
     def evaluate_(learner, params, sampler, episodes, progress=True):
-        return evaluate_segmentation(learner, params, sampler, episodes, progress)
+        return evaluate_segmentation(learner, params, sampler, episodes, threshold, progress)
 
     def picture(learner, params, sampler, path):
-        return write_grid(learner, params, sampler, path, rows=config["eval"]["pictures"])
+        return write_grid(learner, params, sampler, path, threshold, rows=config["eval"]["pictures"])
 
     return TaskData(
         train_sampler=train_sampler,
@@ -137,7 +141,7 @@ def _omniglot_105(config: dict):
     from fsl_jax.data.omniglot import load_omniglot, split
 
     data = config["data"]
-    return split(load_omniglot(data["dir"], 105), data["test_alphabets"])
+    return split(load_omniglot(data["dir"], 105, data["zips"]), data["test_alphabets"])
 
 
 def cluttered_omniglot(config: dict) -> TaskData:

@@ -2,15 +2,20 @@
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (orbax; written atomically, so a
 killed run never leaves a broken one), ``metrics.jsonl`` (one record per log or evaluation)
-and ``curves.png``. Episodes and step keys depend only on ``(seed, step)``, so a run killed
-and resumed reaches exactly the metrics of an uninterrupted one. What differs between
-classification and segmentation (samplers, evaluation, the held-out score) comes from the
-config's task (:mod:`fsl_jax.tasks`).
+and ``curves.png`` (each rewritten beside and moved into place, never truncated), and
+``.lock``, which one training process at a time holds. Episodes and step keys depend only on
+``(seed, step)``, so a run killed and resumed reaches exactly the metrics of an uninterrupted
+one. What differs between classification and segmentation (samplers, evaluation, the held-out
+score) comes from the config's task (:mod:`fsl_jax.tasks`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
 from fsl_jax.methods import SEGMENTERS, make_learner
+from fsl_jax.outputs import write_replacing
 from fsl_jax.tasks import load_task
 
 
@@ -86,11 +92,8 @@ def make_train_step(learner: Learner, optimiser: optax.GradientTransformation, m
 
     mesh: a task mesh (:func:`fsl_jax.meta.task_mesh`): each batch's tasks are split over its
     devices (place batches with :func:`fsl_jax.meta.shard_tasks`), parameters replicated. Not for
-    a ``batch_loss`` that couples the tasks (a contrastive term would see only each device's).
+    a ``batch_loss`` that couples the tasks (:func:`fsl_jax.meta.sharded_loss` refuses it).
     """
-    if mesh is not None and learner.batch_loss is not None:
-        raise ConfigError("this learner's loss couples the tasks of a batch (a contrastive term): its tasks cannot "
-                          "be split over devices")
     loss_fn = learner.loss if mesh is None else sharded_loss(learner.loss, mesh)
 
     @jax.jit
@@ -141,9 +144,10 @@ def make_train_steps(learner: Learner, optimiser: optax.GradientTransformation, 
     return steps
 
 
-def _finite(tree) -> bool:
-    """Whether every leaf of a pytree is finite: no checkpoint is written otherwise."""
-    return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(tree))
+def _non_finite(tree) -> list[str]:
+    """The paths of a pytree's leaves that hold a NaN or an infinity: no checkpoint is written with any."""
+    return [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not np.isfinite(np.asarray(leaf)).all()]
 
 
 def check_schedule(config: dict) -> None:
@@ -187,34 +191,96 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
             raise missing
         abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
         params = _restore(manager, step, abstract, run_dir)["params"]
-    if not _finite(params):
-        raise DataError(f"the checkpoint of step {step} in {run_dir} holds parameters that are not finite")
     return params, step
 
 
+def _cause(error: BaseException) -> str:
+    """The root of an orbax error (TensorStore's, which orbax may wrap), without TensorStore's spec (a line of JSON)."""
+    return re.sub(r" \[tensorstore_spec='.*?'\]", "", str(error.__cause__ or error))
+
+
+def _fallback(manager: ocp.CheckpointManager, step: int, run_dir: Path) -> str:
+    """What to delete to get past the damaged checkpoint of ``step``: back to the one before it, if one is kept."""
+    path = run_dir / "checkpoints" / str(step)
+    older = [s for s in manager.all_steps() if s < step]
+    return (f"delete {path} to fall back to the checkpoint of step {max(older)}" if older
+            else f"no older checkpoint is kept (delete {path} to start the run afresh)")
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path):
-    """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ."""
+    """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ,
+    or what is damaged and what to delete to fall back to the checkpoint before it."""
     try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError, OSError) as error:
+        state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # orbax raises TensorStore's read errors wrapped in a bare Exception
         paths = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
         try:
             saved = paths(manager.item_metadata(step)["params"])
-        except (ValueError, KeyError, TypeError, OSError):
+        except Exception:
             saved = None
         expected = paths(abstract["params"])
         if saved is None or saved == expected:
             raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} cannot be restored into the "
-                            f"model this config builds ({error}): damaged or incomplete, or the config was edited "
-                            "since training") from error
+                            f"model this config builds ({_cause(error)}): damaged or incomplete, or the config was "
+                            f"edited since training; {_fallback(manager, step, run_dir)}") from error
         raise ConfigError(f"the checkpoint of step {step} in {run_dir} does not fit the model this config builds; "
                           f"parameters only in the checkpoint: {', '.join(sorted(saved - expected)) or 'none'}; "
                           f"only in the model: {', '.join(sorted(expected - saved)) or 'none'}") from error
+    broken = _non_finite(state)
+    if broken:  # a checkpoint is written only when finite: its bytes were damaged since
+        raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} is damaged: it holds values that "
+                        f"are not finite (in {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); "
+                        f"{_fallback(manager, step, run_dir)}")
+    return state
+
+
+def _wait(manager: ocp.CheckpointManager, run_dir: Path) -> None:
+    """Wait for the checkpoint being written in the background, if one is; a write that failed (a full disk,
+    say) is a DataError naming its step. The checkpoints before it are kept: the run resumes from them."""
+    step = manager.latest_step()  # the one being written, if one is
+    try:
+        manager.wait_until_finished()
+    except Exception as error:
+        raise _unwritten(step, run_dir, error) from error
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state, run_dir: Path) -> None:
+    """Start writing the checkpoint of ``step`` once the one before it is written, so that a failed
+    write is reported with its own step."""
+    _wait(manager, run_dir)
+    try:
+        manager.save(step, args=ocp.args.StandardSave(state))
+    except Exception as error:
+        raise _unwritten(step, run_dir, error) from error
+
+
+def _unwritten(step: int, run_dir: Path, error: Exception) -> DataError:
+    """The error for a checkpoint that could not be written: its step, the cause, and that nothing is lost."""
+    return DataError(f"could not write the checkpoint of step {step} to {run_dir / 'checkpoints'} ({_cause(error)}); "
+                     "once that is fixed, the same command resumes the run from its last checkpoint")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``, in order.
+
+    A last line that is not a record is an append that a kill cut short: it is left out (resuming
+    rewrites the file without it). Any other line that is not a record is a DataError naming it.
+    """
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and {"step", "split"} <= record.keys():
+            records.append(record)
+        elif index < len(lines) - 1:
+            raise DataError(f"line {number} of {path} is not a metrics record ({line[:40]!r}): repair or remove it")
+    return records
 
 
 def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
@@ -238,25 +304,36 @@ def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
     fig.suptitle(Path(run_dir).name)
     fig.tight_layout()
     out = Path(run_dir) / "curves.png"
-    fig.savefig(out, dpi=100)
+    write_replacing(out, lambda partial: fig.savefig(partial, dpi=100, format="png"))
     plt.close(fig)
     return out
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Hold ``run_dir/.lock`` for the block: two processes training into one run directory would mix
+    their metrics and checkpoints. The lock goes with its process, so a killed run leaves none
+    behind; reading a run (``fsl-jax eval``) takes none."""
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise DataError(f"another process{f' (pid {holder})' if holder else ''} is training into {run_dir}: wait "
+                            "for it to end, or choose another `out`") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def train(config: dict, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train (or resume) the run a config describes; returns the run directory.
 
+    One process at a time trains into a run directory: a second is refused (a DataError).
     stop_after: return after this many steps of this call, as if killed (for tests of resumption).
     """
-    run_dir = Path(config["out"])
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        # where the run and its data lie (out, data.dir) may change: a moved run resumes
-        differences = [d for d in _config_differences(complete(read_config_file(saved)), config)
-                       if not d.startswith(("out:", "data.dir:"))]
-        if differences:
-            raise ConfigError(f"run directory {run_dir} holds a run of a different config ({'; '.join(differences)}); "
-                              "choose another `out`")
     # Everything a config can get wrong is found before the run directory is written: a corrected
     # config must not find it claimed by the one that failed.
     check_schedule(config)
@@ -270,87 +347,103 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         jax.eval_shape(experiment.optimiser.update, params, opt_state, params)
     except TypeError as err:
         raise ConfigError(f"optim.name {config['optim']['name']!r} is not an optimiser of gradients alone: {err}") from err
+    run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_config(config))
-    manager = _checkpoint_manager(run_dir, config)
-    start = manager.latest_step() or 0
-    if start:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-        restored = _restore(manager, start, abstract, run_dir)
-        params, opt_state = restored["params"], restored["opt_state"]
-    # Records after the checkpoint were written by a run that died later; they will be rewritten.
-    metrics_path = run_dir / "metrics.jsonl"
-    kept = [r for r in read_metrics(run_dir) if r["step"] <= start]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with _exclusive(run_dir), _checkpoint_manager(run_dir, config) as manager:
+        start = manager.latest_step() or 0
+        records = read_metrics(run_dir)
+        saved = run_dir / "config.yaml"
+        if (start or records) and saved.exists():  # a run that holds nothing yet is started afresh
+            # where the run and its data lie (out, data.dir) may change: a moved run resumes
+            differences = [d for d in _config_differences(complete(read_config_file(saved)), config)
+                           if not d.startswith(("out:", "data.dir:"))]
+            if differences:
+                raise ConfigError(f"run directory {run_dir} holds a run of a different config "
+                                  f"({'; '.join(differences)}); choose another `out`")
+        write_replacing(saved, lambda partial: partial.write_text(dump_config(config)))
+        if start:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
+            restored = _restore(manager, start, abstract, run_dir)
+            params, opt_state = restored["params"], restored["opt_state"]
+        # Records after the checkpoint were written by a run that died later; they will be rewritten.
+        metrics_path = run_dir / "metrics.jsonl"
+        kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start)
+        write_replacing(metrics_path, lambda partial: partial.write_text(kept))
 
-    base_key = jax.random.PRNGKey(config["train"]["seed"])
-    sampler = experiment.train_sampler
-    # Several devices: each batch's tasks are split over them, when the task count allows and the loss
-    # does not couple them.
-    split = jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0 and experiment.learner.batch_loss is None
-    mesh = task_mesh() if split else None
-    steps_fn = make_train_steps(experiment.learner, experiment.optimiser, mesh)
-    if mesh is not None:
-        params, opt_state = replicate((params, opt_state), mesh)
-    window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
-    end = steps if stop_after is None else min(steps, start + stop_after)
-    every = (log_every, config["eval"]["every"], config["train"]["checkpoint_every"])
+        base_key = jax.random.PRNGKey(config["train"]["seed"])
+        sampler = experiment.train_sampler
+        # Several devices: each batch's tasks are split over them, when the task count allows and the loss
+        # does not couple them.
+        split = (jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0
+                 and experiment.learner.batch_loss is None)
+        mesh = task_mesh() if split else None
+        steps_fn = make_train_steps(experiment.learner, experiment.optimiser, mesh)
+        if mesh is not None:
+            params, opt_state = replicate((params, opt_state), mesh)
+        window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
+        end = steps if stop_after is None else min(steps, start + stop_after)
+        every = (log_every, config["eval"]["every"], config["train"]["checkpoint_every"])
 
-    def log(record):
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        def log(record):
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not progress)
-    try:
-        first = start + 1
-        while first <= end:
-            # One call runs steps first..last: at most steps_per_call, never past a log, evaluation or checkpoint.
-            last = min([first + per_call - 1, end] + [-(-first // m) * m for m in every])
-            t0 = time.perf_counter()
-            chunk = [sampler.sample(step) for step in range(first, last + 1)]
-            batches = jax.tree.map(lambda *xs: np.stack(xs), *chunk)
-            if mesh is not None:
-                batches = shard_tasks(batches, mesh, axis=1)
-            rngs = jnp.stack([jax.random.fold_in(base_key, step) for step in range(first, last + 1)])
-            t1 = time.perf_counter()
-            before = params, opt_state
-            params, opt_state, losses, metrics = steps_fn(params, opt_state, batches, rngs)
-            losses, metrics = np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()}
-            window["sample_s"] += t1 - t0
-            window["step_s"] += time.perf_counter() - t1
-            for i, loss in enumerate(losses.tolist()):
-                if not math.isfinite(loss):  # keep the state before this step, then stop
-                    step = first + i
-                    good_params, good_opt_state = before if i == 0 else (params, opt_state)
-                    if step - 1 > (manager.latest_step() or 0) and _finite(good_params):
-                        manager.save(step - 1, args=ocp.args.StandardSave({"params": good_params, "opt_state": good_opt_state}))
-                    manager.wait_until_finished()
-                    raise TrainingDiverged(step, loss, manager.latest_step())
-                window["loss"].append(loss)
-                window["metrics"].append({k: float(v[i]) for k, v in metrics.items()})
-            bar.update(last - first + 1)
-            if last % log_every == 0 or last == steps:
-                n = len(window["loss"])
-                log({"step": last, "split": "train", "loss": float(np.mean(window["loss"])),
-                     **{k: float(np.mean([m[k] for m in window["metrics"]])) for k in window["metrics"][0]},
-                     "episodes_per_s": n * sampler.tasks / window["step_s"],
-                     "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9)})
-                window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
-            if last % config["eval"]["every"] == 0 or last == steps:
-                result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
-                log({"step": last, "split": "test", **result})
-            if last % config["train"]["checkpoint_every"] == 0 or last == steps:
-                if not _finite(params):  # a finite loss, then an update that broke the parameters
-                    manager.wait_until_finished()
-                    raise TrainingDiverged(last, None, manager.latest_step())
-                manager.save(last, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-            first = last + 1
-    except TrainingDiverged:
-        plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
-        raise
-    finally:
-        bar.close()
-        manager.wait_until_finished()
-        manager.close()
-    plot_curves(run_dir, experiment.task.score)
+        bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not progress)
+        try:
+            first = start + 1
+            while first <= end:
+                # One call runs steps first..last: at most steps_per_call, never past a log, evaluation or checkpoint.
+                last = min([first + per_call - 1, end] + [-(-first // m) * m for m in every])
+                t0 = time.perf_counter()
+                chunk = [sampler.sample(step) for step in range(first, last + 1)]
+                batches = jax.tree.map(lambda *xs: np.stack(xs), *chunk)
+                if mesh is not None:
+                    batches = shard_tasks(batches, mesh, axis=1)
+                t1 = time.perf_counter()  # the sampler's time ends here: the keys below are the step's
+                rngs = jnp.stack([jax.random.fold_in(base_key, step) for step in range(first, last + 1)])
+                before = params, opt_state
+                params, opt_state, losses, metrics = steps_fn(params, opt_state, batches, rngs)
+                losses, metrics = np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()}
+                window["sample_s"] += t1 - t0
+                window["step_s"] += time.perf_counter() - t1
+                for i, loss in enumerate(losses.tolist()):
+                    if not math.isfinite(loss):  # keep the state before this step, then stop
+                        step = first + i
+                        good_params, good_opt_state = before if i == 0 else (params, opt_state)
+                        if step - 1 > (manager.latest_step() or 0) and not _non_finite(good_params):
+                            _save(manager, step - 1, {"params": good_params, "opt_state": good_opt_state}, run_dir)
+                        _wait(manager, run_dir)
+                        raise TrainingDiverged(step, loss, manager.latest_step())
+                    window["loss"].append(loss)
+                    window["metrics"].append({k: float(v[i]) for k, v in metrics.items()})
+                bar.update(last - first + 1)
+                if last % log_every == 0 or last == steps:
+                    n = len(window["loss"])
+                    log({"step": last, "split": "train", "loss": float(np.mean(window["loss"])),
+                         **{k: float(np.mean([m[k] for m in window["metrics"]])) for k in window["metrics"][0]},
+                         "episodes_per_s": n * sampler.tasks / window["step_s"],
+                         "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9)})
+                    window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
+                if last % config["eval"]["every"] == 0 or last == steps:
+                    result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
+                    log({"step": last, "split": "test", **result})
+                if last % config["train"]["checkpoint_every"] == 0 or last == steps:
+                    if _non_finite(params):  # a finite loss, then an update that broke the parameters
+                        _wait(manager, run_dir)
+                        raise TrainingDiverged(last, None, manager.latest_step())
+                    _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir)
+                first = last + 1
+        except TrainingDiverged:
+            plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
+            raise
+        except KeyboardInterrupt:  # Ctrl-C: say where the run resumes from (the CLI prints it as one line)
+            _wait(manager, run_dir)
+            checkpoint = manager.latest_step()
+            raise KeyboardInterrupt(
+                f"the run resumes from its last checkpoint (step {checkpoint}) with the same command" if checkpoint
+                else "no checkpoint was written yet: the same command starts the run again") from None
+        finally:
+            bar.close()
+            _wait(manager, run_dir)
+        plot_curves(run_dir, experiment.task.score)
     return run_dir

@@ -107,6 +107,18 @@ def test_a_saved_config_missing_newer_keys_is_completed_with_defaults():
         complete({**full, "data": {**full["data"], "colour": "red"}})
 
 
+def test_segmentation_runs_saved_before_eval_threshold_get_their_tasks_threshold():
+    """Runs of an older version have no eval.threshold: they evaluate at their task's, the published 0.3 for
+    cluttered Omniglot, 0.5 for the others."""
+    from fsl_jax.config import complete
+
+    for name, threshold in (("cluttered_omniglot", 0.3), ("omniglot_seg", 0.5), ("fss", 0.5)):
+        full = load_config(None, [f"data.name={name}"])
+        assert full["eval"]["threshold"] == threshold
+        old = {**full, "eval": {k: v for k, v in full["eval"].items() if k != "threshold"}}
+        assert complete(old) == full
+
+
 @pytest.mark.parametrize("override, message", [
     ("episode.ways=abc", "episode.ways must be an integer of at least 2, got 'abc'"),
     ("episode.ways=1", "episode.ways must be an integer of at least 2, got 1"),

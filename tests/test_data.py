@@ -12,7 +12,7 @@ from PIL import Image
 from fsl_jax.data.download import OMNIGLOT_ZIPS, _checked, verify
 from fsl_jax.data.episodes import EpisodeSampler, with_rotations
 from fsl_jax.data.lake_runs import read_runs, write_runs
-from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, data_root, load_omniglot, read_zips, split
+from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, SMALL_BACKGROUND, data_root, load_omniglot, read_zips, split
 from fsl_jax.errors import DataError
 
 
@@ -107,6 +107,19 @@ def test_data_root_resolution(tmp_path, monkeypatch):
 def test_empty_data_dir_says_how_to_get_data(tmp_path):
     with pytest.raises(DataError, match="fsl-jax data download omniglot"):
         load_omniglot(tmp_path)
+
+
+def test_only_the_named_zips_are_read_so_lakes_evaluation_set_stays_out_of_training(tmp_path):
+    """A data folder after `fsl-jax data download` also holds images_evaluation.zip, the alphabets of
+    Lake's original runs: by default only the two small background sets are read."""
+    for name in SMALL_BACKGROUND:
+        (tmp_path / name).symlink_to(data_root() / "omniglot" / name)
+    (tmp_path / "images_evaluation.zip").write_bytes(b"not read")
+    assert load_omniglot(tmp_path, 14).num_classes == 242
+    with pytest.raises(DataError, match=r"holds \['images_background_small1.zip'\] but not \['images_background.zip'\]"):
+        load_omniglot(tmp_path, 14, ("images_background_small1.zip", "images_background.zip"))
+    with pytest.raises(DataError, match="no Omniglot zip of"):
+        load_omniglot(tmp_path, 14, ("images_background.zip",))
 
 
 def test_checksum_rejects_a_wrong_file_and_keeps_nothing(tmp_path):
@@ -226,6 +239,22 @@ def test_lake_runs_round_trip(omniglot105, tmp_path):
         read_runs(tmp_path)
 
 
+def test_the_readme_table_names_what_its_modules_export():
+    """The README's method table: SegEpisode and UNet import from the packages it names, and
+    fomaml, anil and metasgd are `maml` with the options it gives."""
+    from fsl_jax import meta
+    from fsl_jax.data import SegEpisode
+    from fsl_jax.data.segmentation import SegEpisode as defined
+    from fsl_jax.methods import METHODS
+    from fsl_jax.nets import UNet
+    from fsl_jax.nets.decoders import UNet as unet
+
+    assert SegEpisode is defined and UNet is unet
+    assert {name: (METHODS[name].func, METHODS[name].keywords) for name in ("fomaml", "anil", "metasgd")} == {
+        "fomaml": (meta.maml, {"first_order": True}), "anil": (meta.maml, {"adapted": "head"}),
+        "metasgd": (meta.maml, {"learn_inner_lr": True})}
+
+
 def test_tfds_reads_its_data_with_the_pinned_packages(tmp_path):
     """tensorflow-datasets 4.9 finds its dataset code through importlib_resources, which the `data` extra
     installs (etils no longer brings it): without it every load of prepared data failed with
@@ -247,10 +276,31 @@ def test_tfds_source_groups_and_deduplicates(monkeypatch):
         "small2": [dict(alphabet=a, alphabet_char_id=0, image=np.full((105, 105, 3), 255, np.uint8)) for a in (0, 1) for _ in range(20)],
     }
     info = types.SimpleNamespace(features={"alphabet": types.SimpleNamespace(int2str=lambda i: names[i])})
-    fake = types.SimpleNamespace(load=lambda name, split, data_dir, with_info: (examples[split], info), as_numpy=lambda d: d)
+    fake = types.SimpleNamespace(load=lambda name, split, data_dir, with_info, download: (examples[split], info),
+                                 as_numpy=lambda d: d)
     monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", fake)
     chars = from_tfds()
     assert chars.num_classes == 3  # Greek character 1 appears in both splits once
     assert chars.alphabets == ("Greek", "Greek", "Korean")
     assert chars.images.shape == (3, 20, 105, 105)
     assert chars.images[0].min() == 1.0 and chars.images[2].max() == 0.0  # black strokes become 1
+
+
+def test_tfds_source_downloads_nothing(monkeypatch, tmp_path):
+    """data.source: tfds reads prepared data only (the README: nothing is downloaded unless asked), and
+    its error says how to prepare it; tensorflow-datasets' own default would download, offline for minutes."""
+    import types
+
+    from fsl_jax.data.download import from_tfds
+
+    calls = []
+
+    def load(name, **kwargs):
+        calls.append(kwargs)
+        raise AssertionError(f"Dataset {name}: could not find data in {kwargs['data_dir']}.")
+
+    monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", types.SimpleNamespace(load=load))
+    with pytest.raises(DataError, match=r"could not find data in .*; data.source: tfds downloads nothing; .*"
+                                        r"tfds.builder\('omniglot', data_dir='.*'\).download_and_prepare\(\)"):
+        from_tfds(data_dir=str(tmp_path))
+    assert calls == [dict(split="small1", data_dir=str(tmp_path), with_info=True, download=False)]

@@ -306,3 +306,17 @@ def test_layout_aware_matmul_matches_matmul_to_second_order():
             b = jax.random.normal(jax.random.PRNGKey(1), (k, n), jnp.float64)
             jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12),
                          derivatives(matmul, a, b), derivatives(jnp.matmul, a, b))
+
+
+@pytest.mark.parametrize("learn_inner_lr", [False, True])
+def test_float64_mode_keeps_a_float32_model_in_float32(learn_inner_lr):
+    """With ``jax_enable_x64`` on, float32 data and a freshly initialised model train in float32:
+    every parameter and meta-gradient stays float32 (BatchNorm's parameters came out float64 and the
+    im2col products' gradients float64, which broke the inner loop's scan)."""
+    with jax.enable_x64(True):
+        task = first_task(random_batch())
+        learner = maml(TINY, inner_steps=2, inner_lr=0.1, learn_inner_lr=learn_inner_lr, unroll=1)
+        params = learner.init(jax.random.PRNGKey(0), task)
+        (loss, _), grads = jax.jit(jax.value_and_grad(lambda p: learner.task_loss(p, task, None), has_aux=True))(params)
+    assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+    assert {x.dtype for x in jax.tree.leaves((params, grads))} == {jnp.dtype(jnp.float32)}

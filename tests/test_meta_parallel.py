@@ -1,4 +1,4 @@
-"""The task batch sharded over 8 (forced host) devices gives the single-device parameters."""
+"""The task batch sharded over 8 (forced host) devices gives the single-device parameters and gradients."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,9 @@ SCRIPT = textwrap.dedent("""
     from fsl_jax.data.episodes import Episode
     from fsl_jax.errors import ConfigError
     from fsl_jax.learner import first_task
-    from fsl_jax.meta import maml, replicate, shard_tasks, task_mesh
+    from fsl_jax.meta import maml, replicate, shard_tasks, sharded_loss, task_mesh
+    from fsl_jax.metric import matching
+    from fsl_jax.seg import siamese_unet
     from fsl_jax.nets import Conv4
     from fsl_jax.train import make_train_step
 
@@ -49,6 +51,19 @@ SCRIPT = textwrap.dedent("""
         shard_tasks(jax.tree.map(lambda x: x[:6], batches[0]), mesh)
     except ConfigError as err:
         out["error"] = str(err)
+    # full-context embeddings scan an LSTM: its carry must vary across devices like its inputs
+    fce = matching(Conv4(width=4, blocks=2), full_context=True, fce_steps=2)
+    params = fce.init(jax.random.PRNGKey(0), first_task(batches[0]))
+    grad = lambda loss, *args: jax.jit(jax.value_and_grad(loss, has_aux=True))(*args, jax.random.PRNGKey(0))
+    (one, _), g_one = grad(fce.loss, params, batches[0])
+    (many, _), g_many = grad(sharded_loss(fce.loss, mesh), replicate(params, mesh), shard_tasks(batches[0], mesh))
+    out["fce"] = {"loss_diff": abs(float(one) - float(many)),
+                  "grad_diff": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_many)))}
+    segmenter = siamese_unet(widths=(4, 8), contrast_weight=1.0)
+    try:
+        sharded_loss(segmenter.loss, mesh)
+    except ConfigError as err:
+        out["coupled"] = str(err)
     print(json.dumps(out))
 """)
 
@@ -64,3 +79,5 @@ def test_sharded_meta_step_equals_single_device_step():
         assert result[how]["max_abs_diff"] < 1e-5, result
         assert result[how]["loss_diff"] < 1e-5, result
     assert "multiple of the number of devices (8)" in result["error"]
+    assert result["fce"]["loss_diff"] < 1e-5 and result["fce"]["grad_diff"] < 1e-5, result["fce"]
+    assert "cannot be split over devices" in result["coupled"]

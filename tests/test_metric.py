@@ -71,6 +71,16 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means(tiny_char
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-3)
 
 
+def test_protonet_cosine_logits_are_scaled_cosines(tiny_chars):
+    task = first_task(EpisodeSampler(tiny_chars, ways=3, shots=2, queries=2, seed=0).sample(0))
+    params = protonet(SMALL, distance="cosine").init(jax.random.PRNGKey(0), task)
+    ten, three = (np.asarray(protonet(SMALL, distance="cosine", scale=s).task_predict(params, task, None)) for s in (10.0, 3.0))
+    assert np.abs(ten).max() <= 10.0 + 1e-5
+    np.testing.assert_allclose(three, 0.3 * ten, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="scale"):
+        protonet(SMALL, distance="cosine", scale=0.0)
+
+
 def test_siamese_prediction_takes_the_best_shot(tiny_chars):
     learner = siamese(SMALL, loss="contrastive")
     task = first_task(EpisodeSampler(tiny_chars, ways=3, shots=2, queries=1, seed=0).sample(0))
@@ -132,3 +142,18 @@ def test_resnet12_feature_map_and_frozen_statistics(tiny_chars):
     out, stats = net.apply(variables, x, mutable=["norm_stats"])
     single = net.apply({**variables, **stats}, x[:1])
     np.testing.assert_allclose(single, out[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_module_with_flax_batchnorm_is_refused_with_the_remedy(tiny_chars):
+    """A learner's parameters are its whole state: flax.linen.BatchNorm's running averages would be
+    dropped and its apply would fail deep inside Flax, so init names the fix instead."""
+    import flax.linen as nn
+
+    class Own(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x.reshape(*x.shape[:-3], -1)))
+
+    task = first_task(EpisodeSampler(tiny_chars, ways=3, shots=1, queries=1, seed=0).sample(0))
+    with pytest.raises(ConfigError, match=r"\['batch_stats'\].*fsl_jax.nets.BatchNorm"):
+        protonet(Own()).init(jax.random.PRNGKey(0), task)

@@ -1,6 +1,7 @@
 """Segmenters: U-Net parts, prototype segmenter, Siamese-U-Net, MAML segmenter (tiny shapes)."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from fsl_jax.learner import first_task
 from fsl_jax.nets import Conv4
 from fsl_jax.nets.decoders import UNet
 from fsl_jax.seg import maml_segmenter, prototype_segmenter, siamese_unet
-from fsl_jax.seg.common import cosine, masked_average, soft_dice
+from fsl_jax.seg.common import contrastive_batch_loss, cosine, masked_average, soft_dice
 
 
 def toy_batch(tasks=2, shots=1, queries=2, size=16, support_size=None, seed=0) -> SegEpisode:
@@ -104,6 +105,7 @@ def test_contrast_couples_the_tasks_of_a_batch(make, body, head):
     np.testing.assert_allclose(loss, base + metrics["contrast_loss"], rtol=1e-5)
     assert 0 <= float(metrics["contrast_accuracy"]) <= 1
     same = jax.tree.map(lambda x: np.repeat(x[:1], 4, 0), batch)  # one task four times: all similarities equal
+    same = same._replace(classes=np.arange(4, dtype=np.int32))  # ... under four class labels: all negatives
     _, same_metrics = jax.jit(contrastive.loss)(params, same, key)
     np.testing.assert_allclose(same_metrics["contrast_loss"], np.log(4), rtol=1e-5)
     grads = jax.jit(jax.grad(lambda p: contrastive.loss(p, batch, key)[0] - plain.loss(p, batch, key)[0]))(params)
@@ -111,6 +113,50 @@ def test_contrast_couples_the_tasks_of_a_batch(make, body, head):
     assert float(jnp.abs(leaf(grads, body)["kernel"]).max()) > 0
     if head:
         assert float(jnp.abs(leaf(grads, head)["kernel"]).max()) == 0  # the term reads the encoder only
+
+
+def test_contrast_does_not_count_tasks_of_the_same_class_as_negatives():
+    """Two tasks of one class with the same codes: their targets are the same object, so that pair costs nothing
+    (not log 2 per task) and both count as right; the masked logits leave the gradients finite."""
+    batch = toy_batch(tasks=4)._replace(classes=np.array([0, 1, 2, 2], np.int32))
+    codes = jnp.eye(4)  # a perfect encoder: one code per class
+
+    def terms(params, task, rng):
+        return jnp.zeros(()), {}, params[task.classes], params[task.classes]
+
+    loss = contrastive_batch_loss(terms, "vmap", 1.0, 0.1)
+    _, metrics = jax.jit(loss)(codes, batch, jax.random.PRNGKey(0))
+    assert float(metrics["contrast_loss"]) < 1e-3 and float(metrics["contrast_accuracy"]) == 1.0
+    grads = jax.jit(jax.grad(lambda c: loss(c, batch, jax.random.PRNGKey(0))[0]))(codes)
+    assert np.isfinite(grads).all()
+
+
+class PixelFeatures(nn.Module):
+    """The image itself as features (times a parameter of 1): prototypes are pooled pixels, checkable in numpy."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.param("one", nn.initializers.ones, ())
+
+
+def test_k_shot_prototypes_average_one_prototype_per_shot_as_panet():
+    """PANet's prototype is the mean of each shot's masked average: every shot counts alike, whatever its object's
+    area (pooling all shots' pixels together would let the 36-pixel object outweigh the 2-pixel one), and an empty
+    shot adds zeros."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((1, 4, 8, 8), np.float32)
+    masks[0, 0, :6, :6], masks[0, 1, :2, :2], masks[0, 2, 3, 3:5] = 1, 1, 1  # areas 36, 4, 2; shot 3 empty
+    batch = toy_batch(tasks=1, shots=4, queries=1, size=8)._replace(
+        support_x=rng.random((1, 4, 8, 8, 3), np.float32), support_mask=masks)
+    learner = prototype_segmenter(PixelFeatures(), scale=20.0)
+    params = learner.init(jax.random.PRNGKey(0), first_task(batch))
+    logits = jax.jit(learner.predict)(params, batch, jax.random.PRNGKey(0))[0, 0]
+
+    x, query = batch.support_x[0].astype(np.float64), batch.query_x[0, 0].astype(np.float64)
+    prototype = lambda w: np.mean([(x[k] * w[k, ..., None]).sum((0, 1)) / max(w[k].sum(), 1e-6) for k in range(4)], 0)
+    cos = lambda f, p: f @ p / (np.linalg.norm(f, axis=-1) * np.linalg.norm(p))
+    want = 20.0 * (cos(query, prototype(masks[0])) - cos(query, prototype(1 - masks[0])))
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
 
 
 def test_maml_segmenter_adapts_and_differentiates_through_the_inner_loop():
@@ -146,8 +192,22 @@ def test_miou_counts_every_class_id_a_fixed_set_holds():
     batch = toy_batch(tasks=3)._replace(classes=np.array([5, 300, 5], np.int32))
     bright = Learner(init=lambda rng, task: {}, task_loss=None,
                      task_predict=lambda params, task, rng: task.query_x[..., 0] - 0.5)  # the squares exactly
-    result = evaluate_segmentation(bright, {}, FixedEpisodes(batch, 3), 3, progress=False)
+    result = evaluate_segmentation(bright, {}, FixedEpisodes(batch, 3), 3, 0.5, progress=False)
     assert result["iou"] == result["miou"] == 1.0
+
+
+def test_evaluation_keeps_the_pixels_above_the_threshold():
+    """The squares at p = 0.4: missed at p > 0.5, found at p > 0.3 (the clutter protocol's); each threshold its
+    own compiled function, and the threshold in the result."""
+    from fsl_jax.data.segmentation import FixedEpisodes
+    from fsl_jax.learner import Learner
+    from fsl_jax.seg.evaluation import evaluate_segmentation
+
+    unsure = Learner(init=lambda rng, task: {}, task_loss=None,
+                     task_predict=lambda params, task, rng: jnp.where(task.query_x[..., 0] > 0.5, np.log(0.4 / 0.6), -9.0))
+    sampler = FixedEpisodes(toy_batch(tasks=2), 2)
+    at_half, at_03 = (evaluate_segmentation(unsure, {}, sampler, 2, t, progress=False) for t in (0.5, 0.3))
+    assert (at_half["iou"], at_half["threshold"]) == (0.0, 0.5) and (at_03["iou"], at_03["threshold"]) == (1.0, 0.3)
 
 
 def test_segmenter_options_are_checked_when_built():

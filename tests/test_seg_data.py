@@ -70,6 +70,7 @@ def test_too_few_images_per_class_is_named(fss_root):
     ("vanishes", r"mask .*cat/9.png has no foreground pixel left at 12x12"),
     ("mask_size", r"mask .*cat/9.png is 10x8 but its image .*cat/9.jpg is 20x16"),
     ("non_binary", r"mask .*cat/9.png is not binary: it holds values \[128\]"),
+    ("colour", r"mask .*cat/9.png is a colour image: it holds the colours \[\(0, 0, 0\), \(128, 0, 0\)\]; a mask is binary"),
     ("empty", r"mask .*cat/9.png is empty"),
     ("missing_mask", r".*cat/9.jpg has no mask"),
     ("corrupt", r"cannot read .*cat/9.jpg"),
@@ -97,6 +98,10 @@ def test_bad_files_are_named(fss_root, case, message):
         write_pair(folder, 9, mask_size=(10, 8))
     elif case == "non_binary":
         write_pair(folder, 9, mask_values=(0, 128))
+    elif case == "colour":  # a class-coloured mask (dark red, grey level 38): its colours, not its grey, are named
+        mask = np.zeros((16, 20, 3), np.uint8)
+        mask[4:8, 5:10] = (128, 0, 0)
+        Image.fromarray(mask).save(folder / "9.png")
     elif case == "empty":
         write_pair(folder, 9, mask_values=(0, 0))
     elif case == "missing_mask":
@@ -153,6 +158,26 @@ def test_masks_of_zero_and_one_are_binary_too(tmp_path):
     write_pair(tmp_path / "a", 1, mask_values=(0, 1))
     write_pair(tmp_path / "a", 2, mask_values=(0, 1))
     assert load_fss(tmp_path, 8).masks.any()
+    grey = np.asarray(Image.open(tmp_path / "a" / "1.png"))
+    Image.fromarray(np.repeat(grey[..., None] * 255, 3, -1)).save(tmp_path / "a" / "1.png")  # white on black, RGB
+    np.testing.assert_array_equal(load_fss(tmp_path, 16).masks[0],
+                                  np.asarray(Image.fromarray(grey).resize((16, 16), Image.NEAREST)) == 1)
+
+
+def test_hidden_and_system_entries_are_skipped_everywhere(fss_root):
+    """A hidden folder is no class (not even one holding pairs), and what macOS, Jupyter and Windows leave
+    behind stops nothing, in the root or in a class folder."""
+    for n in (1, 2):
+        write_pair(fss_root / ".Trash-1000", n)
+    (fss_root / "__MACOSX" / "cat").mkdir(parents=True)
+    (fss_root / "__MACOSX" / "cat" / "._1.jpg").write_bytes(b"AppleDouble")
+    (fss_root / "cat" / "._1.jpg").write_bytes(b"AppleDouble")
+    (fss_root / "cat" / ".ipynb_checkpoints").mkdir()
+    for name in (".DS_Store", "desktop.ini", "Thumbs.db", "thumbs.db"):
+        (fss_root / "kite" / name).write_text("x")
+    data = load_fss(fss_root, image_size=12)
+    assert data.classes == ("bee", "cat", "kite", "zebra")
+    np.testing.assert_array_equal(np.bincount(data.labels), [4, 4, 4, 4])
 
 
 @pytest.mark.parametrize("palette", [[0, 0, 0, 255, 255, 255], [255, 255, 255, 0, 0, 0], [0, 0, 0, 128, 0, 0]])
@@ -236,3 +261,26 @@ def test_an_fss_config_loads_the_folder_as_configured(fss_root):
     # the 20x16 pictures are padded into 12x12: the top and bottom rows are padding (black, background)
     assert not batch.support_x[:, :, :1].any() and not batch.support_mask[:, :, :1].any() and batch.support_x[:, :, 1].mean() > 0.2
     assert task.describe(task.eval_sampler(2)) == {"protocol": "fss", "shots": 1, "queries": 1, "classes": 1}
+
+
+def test_segmentation_tasks_score_at_their_probability_threshold(fss_root):
+    """eval.threshold reaches the evaluation (and its result); one outside (0, 1) is named."""
+    import jax.numpy as jnp
+
+    from fsl_jax.config import load_config
+    from fsl_jax.learner import Learner
+    from fsl_jax.tasks import load_task
+
+    given = ["data.name=fss", f"data.dir={fss_root}", "data.image_size=12", "method=prototype_segmenter"]
+    unsure = Learner(init=None, task_loss=None,  # every pixel at p = 0.4
+                     task_predict=lambda params, task, rng: jnp.full(task.query_x.shape[:-1], np.log(0.4 / 0.6)))
+    scores = {}
+    for threshold in (0.5, 0.3):
+        task = load_task(load_config(None, [*given, f"eval.threshold={threshold}"]))
+        scores[threshold] = task.evaluate(unsure, None, task.eval_sampler(2), 2, False)
+    assert scores[0.5]["iou"] == 0 < scores[0.3]["iou"] and [s["threshold"] for s in scores.values()] == [0.5, 0.3]
+    assert load_config(None, given)["eval"]["threshold"] == 0.5
+    with pytest.raises(ConfigError, match=r"eval.threshold must be a probability between 0 and 1 \(exclusive\), got 1.5"):
+        load_task(load_config(None, [*given, "eval.threshold=1.5"]))
+    with pytest.raises(ConfigError, match="eval.threshold must be a positive number, got 0"):
+        load_config(None, [*given, "eval.threshold=0"])

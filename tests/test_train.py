@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 import yaml
 
 from fsl_jax.cli import main
-from fsl_jax.config import load_config
+from fsl_jax.config import dump_config, load_config
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.train import Experiment, read_metrics, restore_params, train
 
@@ -41,14 +44,37 @@ def test_run_directory_contents(tmp_path):
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path, capsys):
-    import shutil
+    """A checkpoint that cannot be read (TensorStore's error, which orbax wraps in a bare Exception), or
+    that reads as values never written (not finite), is a DataError naming it and what to delete to
+    fall back to the checkpoint before it; done, the run resumes from that one."""
+    import orbax.checkpoint as ocp
 
-    run = train(tiny_config(tmp_path), progress=False)
-    shutil.rmtree(run / "checkpoints" / "6" / "default")
-    with pytest.raises(DataError, match=r"checkpoint of step 6 in .*checkpoints cannot be restored"):
-        restore_params(run, Experiment(tiny_config(tmp_path)))
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False)  # checkpoints of steps 3 and 6
+    experiment = Experiment(config)
+    sixth = run / "checkpoints" / "6"
+    advice = f"delete {re.escape(str(sixth))} to fall back to the checkpoint of step 3"
+    data = max((p for p in sixth.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)
+    unreadable = rf"checkpoint of step 6 in .*checkpoints cannot be restored .*OUT_OF_RANGE.*{advice}"
+    with pytest.raises(DataError, match=unreadable):
+        restore_params(run, experiment)
     assert main(["eval", "--run", str(run), "--episodes", "2", "--no-progress"]) == 1
     assert "checkpoint of step 6" in capsys.readouterr().err
+
+    params = experiment.init_params()
+    like = {"params": params, "opt_state": experiment.optimiser.init(params)}
+    shutil.rmtree(sixth)
+    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:  # step 3's state, its Adam moments broken
+        state = manager.restore(3, args=ocp.args.StandardRestore(like))
+        broken = jax.tree.map(lambda x: np.full_like(x, np.inf) if np.issubdtype(x.dtype, np.floating) else x,
+                              state["opt_state"])
+        manager.save(6, args=ocp.args.StandardSave({"params": state["params"], "opt_state": broken}))
+    not_finite = rf"step 6 .* is damaged: it holds values that are not finite \(in \['opt_state'\].*{advice}"
+    with pytest.raises(DataError, match=not_finite):
+        train(config, progress=False)
+    shutil.rmtree(sixth)
+    assert restore_params(train(config, progress=False), experiment)[1] == 6
 
 
 def test_only_export_needs_the_export_extra(tmp_path, monkeypatch, capsys):
@@ -142,15 +168,140 @@ def test_parameters_that_an_update_breaks_are_never_checkpointed(tmp_path, monke
 
 
 def test_a_different_config_cannot_reuse_a_run_directory(tmp_path):
-    train(tiny_config(tmp_path), progress=False)
+    """... once the run holds a checkpoint or a record. One killed before either holds nothing to
+    keep: a corrected config starts afresh there."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(tiny_config(tmp_path, "optim.lr=0.5")))
+    (run / "metrics.jsonl").touch()
+    train(tiny_config(tmp_path), progress=False, stop_after=1)  # a record of step 1, no checkpoint
+    assert load_config(run / "config.yaml")["optim"]["lr"] == 0.001
     with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.001 in the run, 0.01 now\)"):
         train(tiny_config(tmp_path, "optim.lr=0.01"), progress=False)
 
 
+def test_one_process_at_a_time_trains_into_a_run_directory(tmp_path):
+    """A run directory whose ``.lock`` another process holds is refused before anything in it is
+    written (two trainings would mix their records and checkpoints); eval reads it meanwhile."""
+    import fcntl
+
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False, stop_after=3)
+    contents = lambda: {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with open(run / ".lock", "r+") as held:  # as the other process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        before = contents()
+        with pytest.raises(DataError, match=rf"another process \(pid 4242\) is training into {re.escape(str(run))}"):
+            train(config, progress=False)
+        assert contents() == before
+        assert main(["eval", "--run", str(run), "--episodes", "2", "--no-progress"]) == 0
+
+
+def test_run_files_are_replaced_whole(tmp_path, monkeypatch):
+    """config.yaml, metrics.jsonl and curves.png are written beside and moved over the old file,
+    never truncated and rewritten: a kill at any moment leaves the old file or the new one."""
+    from fsl_jax.outputs import write_replacing
+
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False, stop_after=3)
+    names = ("config.yaml", "metrics.jsonl", "curves.png")
+    old = {name: open(run / name, "rb") for name in names}
+    try:
+        train(config, progress=False, stop_after=0)  # resumes, rewrites all three, trains nothing
+        for name, file in old.items():
+            assert not os.path.samestat(os.fstat(file.fileno()), (run / name).stat()), f"{name} rewritten in place"
+    finally:
+        for file in old.values():
+            file.close()
+    assert not [p for p in run.iterdir() if p.name.startswith(".partial-")]
+
+    def interrupted(*args):
+        raise OSError("interrupted")
+
+    target = tmp_path / "kept.txt"
+    target.write_text("old")
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="interrupted"):  # the old file is not removed before the move
+        write_replacing(target, lambda partial: partial.write_text("new"))
+    assert target.read_text() == "old"
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_others_are_named(tmp_path):
+    """An append cut short (a kill, the last line) is dropped on resume; a bad line elsewhere (NUL
+    bytes a power loss left, say) is a DataError naming its file and line."""
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False, stop_after=4)  # checkpoint 3; records up to 4
+    metrics = run / "metrics.jsonl"
+    with metrics.open("ab") as f:
+        f.write(b'{"step": 5, "split": "tr')
+    lines = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(b"".join([lines[0], b"\x00\x00\x00\n", *lines[2:]]))
+    with pytest.raises(DataError, match=rf"line 2 of {re.escape(str(metrics))} is not a metrics record"):
+        train(config, progress=False)
+    metrics.write_bytes(b"".join(lines))
+    assert read_metrics(run)[-1]["step"] == 4
+    train(config, progress=False)
+    assert [(r["step"], r["split"]) for r in read_metrics(run)] == [
+        (1, "train"), (2, "train"), (3, "train"), (3, "test"), (4, "train"), (5, "train"), (6, "train"), (6, "test")]
+    assert metrics.read_text().endswith("}\n")
+
+
+def test_a_failed_checkpoint_write_is_named_and_the_run_resumes(tmp_path):
+    """A checkpoint that cannot be written (here: files over RLIMIT_FSIZE, as a full disk) fails in
+    orbax's background thread; it is a DataError naming its step, and once the cause is gone the
+    same config resumes."""
+    import resource
+    import signal
+
+    config = tiny_config(tmp_path)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), not the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8000, limits[1]))  # a checkpoint's data file is larger
+    try:
+        with pytest.raises(DataError, match=r"could not write the checkpoint of step 3 to .*checkpoints \(.*too large"):
+            train(config, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert restore_params(train(config, progress=False), Experiment(config))[1] == 6
+
+
+def test_ctrl_c_says_where_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `fsl-jax train` prints one line naming the checkpoint the run resumes from, and exits 130."""
+    import fsl_jax.train as train_module
+
+    make_train_steps = train_module.make_train_steps
+
+    def interrupted_at_step_5(*args):
+        steps = make_train_steps(*args)
+        calls = []
+
+        def call(*inputs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return steps(*inputs)
+        return call
+
+    monkeypatch.setattr(train_module, "make_train_steps", interrupted_at_step_5)
+    config = tmp_path / "c.yaml"
+    config.write_text("method: protonet\n")
+    args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
+    for item in TINY:
+        args += ["--set", item]
+    try:
+        assert main(args) == 130
+    except KeyboardInterrupt:  # escaping, it would stop the test session
+        pytest.fail("Ctrl-C ended `fsl-jax train` in a traceback")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fsl-jax: interrupted; the run resumes from its last checkpoint (step 3) with the same command")
+
+
 def test_a_moved_run_resumes(tmp_path):
     """Where a run and its data lie (out, data.dir) is not what the run is: moved, it resumes."""
-    import shutil
-
     from fsl_jax.data.omniglot import data_root
 
     train(tiny_config(tmp_path, name="before"), progress=False, stop_after=3)
@@ -224,6 +375,25 @@ def test_cli_train_then_eval_prints_json(tmp_path, capsys):
             main(flags)
     assert main(["data", "lake-runs", "--seed", "-1"]) == 1
     assert "--seed must be at least 0, got -1" in capsys.readouterr().err
+
+
+def test_eval_refuses_fewer_episodes_than_distractor_levels(tmp_path, monkeypatch, capsys):
+    """Cluttered scenes give the levels in turn: fewer episodes than levels would leave some out of the
+    scores without a word. The check needs no trained parameters, so none are restored."""
+    import fsl_jax.train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(None, ["method=siamese_unet", "method_options={widths: [4, 8]}", "data.name=cluttered_omniglot",
+                                "data.scene_size=32", "data.exemplar_size=16", "data.char_size=12",
+                                "data.distractors=[2]", "eval.distractors=[1, 3, 5]", f"out={run}"])
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(fsl_jax.train, "restore_params", lambda run, experiment: (None, 0))
+    for args, message in [(["--episodes", "2"], "--episodes 2 is fewer than the 3 distractor levels [1, 3, 5]"),
+                          (["--episodes", "1", "--distractors", "2", "4"],
+                           "--episodes 1 is fewer than the 2 distractor levels [2, 4]")]:
+        assert main(["eval", "--run", str(run), "--no-progress", *args]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_an_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """Datasets, episode samplers and scene generators."""
 from fsl_jax.data.episodes import Episode, EpisodeSampler, with_rotations
 from fsl_jax.data.omniglot import CharacterSet, data_root, load_omniglot, split
+from fsl_jax.data.segmentation import SegEpisode
 
-__all__ = ["CharacterSet", "Episode", "EpisodeSampler", "data_root", "load_omniglot", "split", "with_rotations"]
+__all__ = ["CharacterSet", "Episode", "EpisodeSampler", "SegEpisode", "data_root", "load_omniglot", "split",
+           "with_rotations"]
 
 
 def character_splits(config: dict) -> tuple[CharacterSet, CharacterSet]:
@@ -13,7 +15,7 @@ def character_splits(config: dict) -> tuple[CharacterSet, CharacterSet]:
     if data["name"] != "omniglot":
         raise ConfigError(f"unknown dataset {data['name']!r}; available: ['omniglot']")
     if data["source"] == "zips":
-        chars = load_omniglot(data["dir"], data["image_size"])
+        chars = load_omniglot(data["dir"], data["image_size"], data["zips"])
     elif data["source"] == "tfds":
         from fsl_jax.data.download import from_tfds
 

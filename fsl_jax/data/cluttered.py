@@ -7,7 +7,8 @@ degrees, shear up to 10 degrees and independent x/y scales 2^U(-1, 1) around 32/
 original size; it is cropped to its strokes and placed uniformly where it fits whole. The
 exemplar (32x32) is the target character as drawn by the same drawer, with its own colour,
 rotation and shear but no scale, centred. The ground truth is the target's pixels. Drawers
-1-10 make training scenes, 11-20 validation and test scenes.
+1-10 make training scenes, 11-20 validation and test scenes. The published levels count the
+characters of a scene, target included: its level N (4, 8, ..., 256) is N - 1 distractors here.
 
 Two deliberate differences from the published generator: distractors never repeat the
 target's character (with the 64 held-out characters here a 256-distractor scene would
@@ -41,7 +42,7 @@ def max_distractors(scene_size: int) -> int:
     """The most distractors a scene holds: one character per ``CELL x CELL`` pixels, target included.
 
     Beyond that the distractor layer is many strokes deep everywhere and no longer clutter
-    but noise; 256 distractors in a 96x96 scene (the published maximum) use 45% of it.
+    but noise; the published maximum, 256 characters (255 distractors) in a 96x96 scene, is 44% of this limit.
     """
     return (scene_size // CELL) ** 2 - 1
 

@@ -74,6 +74,9 @@ def _checked(partial: Path, name: str) -> Path:
 def from_tfds(splits=("small1", "small2"), data_dir: str | None = None) -> CharacterSet:
     """Omniglot through tensorflow-datasets (``pip install fsl_jax[data]``), deduplicated like the zips.
 
+    Only data already prepared in ``data_dir`` (tensorflow-datasets' default folder if None) is read:
+    nothing is downloaded.
+
     tensorflow-datasets keeps no drawer numbers: ``images[c, d]`` is the d-th image of character c in
     the dataset's order, not drawer d+1 as from the zips (the classification samplers draw drawers at
     random, so they are unaffected; a sampler given drawer numbers gets other drawers than Lake's).
@@ -85,10 +88,12 @@ def from_tfds(splits=("small1", "small2"), data_dir: str | None = None) -> Chara
     chars: dict[tuple[str, int], list[np.ndarray]] = {}
     for split_name in splits:
         try:
-            dataset, info = tfds.load("omniglot", split=split_name, data_dir=data_dir, with_info=True)
-        except Exception as err:  # tfds raises many kinds (a missing download, a missing module, a bad folder)
+            dataset, info = tfds.load("omniglot", split=split_name, data_dir=data_dir, with_info=True, download=False)
+        except Exception as err:  # tfds raises many kinds (unprepared data, a missing module, a bad folder)
             raise DataError(f"tensorflow-datasets could not load omniglot {split_name!r} (data_dir {data_dir}): "
-                            f"{type(err).__name__}: {err}") from err
+                            f"{type(err).__name__}: {str(err).rstrip('.')}; data.source: tfds downloads nothing; "
+                            f"prepare the data once (this downloads) with: python -c \"import tensorflow_datasets as tfds; "
+                            f"tfds.builder('omniglot', data_dir={data_dir!r}).download_and_prepare()\"") from err
         alphabet_name = info.features["alphabet"].int2str
         for example in tfds.as_numpy(dataset):
             key = (alphabet_name(example["alphabet"]), int(example["alphabet_char_id"]))

@@ -2,17 +2,18 @@
 
 Layout: ``ROOT/<class>/<n>.jpg`` (or ``.jpeg``, any case) with its binary mask
 ``ROOT/<class>/<n>.png`` (foreground 255 or 1, background 0; a palette PNG's values are its
-palette indices, not its colours, as in PASCAL VOC). Every file is checked as it is
-read: a missing or unreadable file, a mask without its image, any other file in a class folder
-(``.DS_Store`` and ``Thumbs.db`` aside), an empty class folder, an image with transparent
-pixels, a mask whose size differs from its image, a mask that is not 8-bit or holds values
-other than 0 and 255 (or 0 and 1), or one with no foreground pixel, before or after resizing,
-is an error naming the file. Photos are turned upright by their EXIF orientation, as a viewer
-(and an annotation tool) shows them. Images and masks are then brought to ``image_size`` square
-(bilinear and nearest, so masks stay binary) as ``resize`` says: ``"stretch"`` scales each side
-on its own (FSS-1000's own images are square, so nothing is distorted); ``"pad"`` keeps the
-aspect ratio, scaling the longer side to ``image_size`` and centring the picture on black, the
-padding marked background. Either is an explicit setting, never a silent fix of mismatched files.
+palette indices, not its colours, as in PASCAL VOC). Hidden entries (names starting with ``.``)
+and the operating systems' own (``__MACOSX``, ``desktop.ini``, ``Thumbs.db``) are skipped in the
+root and in class folders alike. Every other file is checked as it is read: a missing or
+unreadable file, a mask without its image, any other file in a class folder, an empty class
+folder, an image with transparent pixels, a mask whose size differs from its image, a mask that
+is not 8-bit, is in colour or holds values other than 0 and 255 (or 0 and 1), or one with no
+foreground pixel, before or after resizing, is an error naming the file. Photos are turned
+upright by their EXIF orientation, as a viewer (and an annotation tool) shows them. Images and
+masks are then brought to ``image_size`` square (bilinear and nearest, so masks stay binary) as
+``resize`` says: ``"stretch"`` scales each side on its own (FSS-1000's own images are square, so
+nothing is distorted); ``"pad"`` keeps the aspect ratio, scaling the longer side to
+``image_size`` and centring the picture on black, the padding marked background. Either is an explicit setting, never a silent fix of mismatched files.
 """
 from __future__ import annotations
 
@@ -50,7 +51,13 @@ class SegmentationSet:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 RESIZE_MODES = ("stretch", "pad")
-IGNORED_FILES = (".DS_Store", "Thumbs.db")
+OS_ENTRIES = ("__macosx", "desktop.ini", "thumbs.db")  # lower case: Windows names them in any case
+
+
+def skipped(path: Path) -> bool:
+    """Whether a folder entry is hidden (``.DS_Store``, macOS' ``._*`` copies, ``.ipynb_checkpoints``)
+    or the operating system's (a Mac zip's ``__MACOSX``, Windows' ``desktop.ini`` and ``Thumbs.db``)."""
+    return path.name.startswith(".") or path.name.lower() in OS_ENTRIES
 
 
 def open_image(path: Path) -> Image.Image:
@@ -93,6 +100,17 @@ def check_opaque(image: Image.Image, name: str) -> None:
         raise DataError(f"{name} has transparent pixels (mode {image.mode}); save it without transparency")
 
 
+def check_grey(pixels: np.ndarray, mask_path: Path) -> None:
+    """A DataError naming the file and its colours if an RGB mask [H, W, 3] is not grey: its
+    objects told apart by colour, it is no binary mask, and its grey levels are nothing the user wrote."""
+    if (pixels == pixels[..., :1]).all():
+        return
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    listed = ", ".join(str(tuple(c)) for c in colours[:5].tolist()) + (", ..." if len(colours) > 5 else "")
+    raise DataError(f"mask {mask_path} is a colour image: it holds the colours [{listed}]; a mask is binary, "
+                    "0 for background and 255 or 1 for the object, in a grayscale (or palette) PNG")
+
+
 def read_pair(image_path: Path, mask_path: Path, image_size: int,
               resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """One image and its mask, checked, at ``image_size`` x ``image_size``: (uint8 [S, S, 3], bool [S, S])."""
@@ -104,6 +122,8 @@ def read_pair(image_path: Path, mask_path: Path, image_size: int,
         raise DataError(f"mask {mask_path} is a {mask.mode} image; a mask is 8-bit: 0 for background, 255 or 1 "
                         "for the object")
     palette = mask.mode in ("P", "PA")
+    if mask.mode in ("RGB", "RGBA"):
+        check_grey(np.asarray(mask.convert("RGB")), mask_path)
     # A palette mask stores its labels as palette indices (PASCAL VOC's convention); the colours are for viewing.
     image, mask = image.convert("RGB"), Image.fromarray(np.asarray(mask.getchannel(0))) if palette else mask.convert("L")
     if image.size != mask.size:
@@ -126,7 +146,7 @@ def read_pair(image_path: Path, mask_path: Path, image_size: int,
 
 def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
     """The (image, mask) files of one class folder, by image number; any other file is an error."""
-    entries = sorted(p for p in folder.iterdir() if p.name not in IGNORED_FILES)
+    entries = sorted(p for p in folder.iterdir() if not skipped(p))
     images = {p.stem: p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES}
     masks = {p.stem: p for p in entries if p.suffix.lower() == ".png"}
     for path in entries:
@@ -147,11 +167,12 @@ def class_pairs(folder: Path) -> list[tuple[Path, Path]]:
 
 
 def load_fss(root: str | Path, image_size: int = 224, resize: str = "stretch") -> SegmentationSet:
-    """Every class folder of ``root`` (sorted by name), every ``<n>.jpg`` with its ``<n>.png``."""
+    """Every class folder of ``root`` (sorted by name; hidden and system folders skipped), every ``<n>.jpg``
+    with its ``<n>.png``."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"FSS data directory {root} " + ("is a file, not a directory" if root.exists() else "does not exist"))
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not skipped(p))
     if not folders:
         raise DataError(f"no class folder in {root}: the FSS-1000 layout is ROOT/<class>/<n>.jpg and <n>.png")
     images, masks, labels = [], [], []

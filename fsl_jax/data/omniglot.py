@@ -28,6 +28,10 @@ NATIVE_SIZE = 105
 # small background sets (the only Omniglot bundled here). Both have >= 20 characters,
 # so Lake's 20-way within-alphabet runs can be built from each.
 DEFAULT_TEST_ALPHABETS = ("Balinese", "Korean")
+# The zips read by default: the two small background sets, the bundled data and the protocol of
+# this project's tables. Lake's evaluation alphabets (images_evaluation.zip) are read only when
+# named: his original one-shot runs come from them, so they must not slip into training.
+SMALL_BACKGROUND = ("images_background_small1.zip", "images_background_small2.zip")
 _PNG = re.compile(r"^(?:[^/]+/)?(?P<alphabet>[^/]+)/(?P<character>character\d+)/(?P<file>\d+_(?P<drawer>\d+)\.png)$")
 
 
@@ -49,13 +53,20 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
         "checksums verified) or install the `data` extra to read it through tensorflow-datasets.")
 
 
-def omniglot_zips(root: Path) -> list[Path]:
-    """The Omniglot zips under ``root/omniglot`` (or ``root`` itself), sorted by name."""
+def omniglot_zips(root: Path, names=SMALL_BACKGROUND) -> list[Path]:
+    """The Omniglot zips ``names`` (``data.zips``) under ``root/omniglot`` (or ``root`` itself)."""
+    names = sorted(set(names))
+    if not names:
+        raise DataError("data.zips names no Omniglot zip")
     for folder in (root / "omniglot", root):
-        zips = sorted(folder.glob("images_*.zip"))
-        if zips:
-            return zips
-    raise DataError(f"no Omniglot zip (images_*.zip) in {root / 'omniglot'} or {root}; "
+        found = [folder / name for name in names if (folder / name).is_file()]
+        if found and len(found) < len(names):
+            missing = sorted(set(names) - {path.name for path in found})
+            raise DataError(f"{folder} holds {[path.name for path in found]} but not {missing} (data.zips); "
+                            "run `fsl-jax data download omniglot`, or name only the zips you have")
+        if found:
+            return found
+    raise DataError(f"no Omniglot zip of {names} (data.zips) in {root / 'omniglot'} or {root}; "
                     "run `fsl-jax data download omniglot`")
 
 
@@ -155,9 +166,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FSL_JAX_CACHE", Path.home() / ".cache" / "fsl_jax"))
 
 
-def load_omniglot(data_dir=None, image_size: int = 28) -> CharacterSet:
-    """All Omniglot characters under the data root, decoded once and cached, at ``image_size``."""
-    zips = omniglot_zips(data_root(data_dir))
+def load_omniglot(data_dir=None, image_size: int = 28, zips=SMALL_BACKGROUND) -> CharacterSet:
+    """The Omniglot characters of the zips named ``zips`` under the data root, decoded once and
+    cached, at ``image_size``."""
+    zips = omniglot_zips(data_root(data_dir), zips)
     fingerprint = hashlib.sha1(repr([(z.name, z.stat().st_size, z.stat().st_mtime_ns) for z in zips]).encode()).hexdigest()[:16]
     cache = _cache_dir() / f"omniglot-{fingerprint}-{image_size}.npz"
     if cache.exists():

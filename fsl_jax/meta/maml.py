@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fsl_jax.errors import ConfigError
-from fsl_jax.learner import Learner, cross_entropy
+from fsl_jax.learner import Learner, cross_entropy, init_params
 from fsl_jax.meta.adapt import adapt, check_inner_loop, param_mask
 from fsl_jax.meta.parallel import default_task_map
 
@@ -76,7 +76,7 @@ class _Classifier:
         return MetaClassifier(self.backbone, task.classes.shape[-1])
 
     def init_model(self, rng, task):
-        return self.model(task).init(rng, task.support_x)["params"]
+        return init_params(self.model(task), rng, task.support_x)
 
     def mask(self, model_params):
         """Which leaves adapt: all, or those under ``head`` (ANIL)."""

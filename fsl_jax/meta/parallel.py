@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsl_jax.errors import ConfigError
+from fsl_jax.learner import Learner
 
 AXIS = "tasks"
 
@@ -72,8 +73,13 @@ def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
     """``loss(params, batch, rng) -> (mean loss, metrics)`` (e.g. ``Learner.loss``) computed
     with the tasks split over the mesh: same signature and, for learners that do not draw
     random numbers, the same values and gradients as ``loss`` on one device. Random keys
-    differ: each device folds its index into ``rng``.
+    differ: each device folds its index into ``rng``. Refuses a learner's ``loss`` whose
+    ``batch_loss`` couples the tasks (a contrastive term would see only each device's tasks).
     """
+    owner = getattr(loss, "__self__", None)
+    if isinstance(owner, Learner) and owner.batch_loss is not None:
+        raise ConfigError("this learner's loss couples the tasks of a batch (a contrastive term): its tasks cannot "
+                          "be split over devices")
 
     def local(params, batch, rng):
         # Mark the replicated parameters device-varying: otherwise a gradient taken *inside*

@@ -10,7 +10,11 @@ Reptile update; with Adam it is the variant Nichol et al. also use.
 
 The inner loop is SGD on the support set (as at test time), the adapted weights are
 first-order by construction, and the model, BatchNorm options and parameter layout are
-those of :func:`fsl_jax.meta.maml` (``{"model": {"backbone", "head"}}``).
+those of :func:`fsl_jax.meta.maml` (``{"model": {"backbone", "head"}}``). Only the support set
+teaches: the query set gives the logged loss and nothing else. Nichol et al. have no
+support/query split and train on more shots than they test with (10 on Omniglot), so sample
+training episodes with many shots and few queries (``episode.shots`` above ``eval.shots``), as
+the configs in ``experiments/omniglot`` do.
 """
 from __future__ import annotations
 

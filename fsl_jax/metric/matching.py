@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from fsl_jax.errors import check_count, check_positive
-from fsl_jax.learner import Learner, accuracy
+from fsl_jax.learner import Learner, accuracy, init_params
 from fsl_jax.metric.common import embed_task, one_hot_support
 
 
@@ -25,7 +25,10 @@ class FullContextEmbedding(nn.Module):
     def __call__(self, support, query):
         dim = support.shape[-1]
         bidir = nn.Bidirectional(nn.RNN(nn.LSTMCell(dim)), nn.RNN(nn.LSTMCell(dim)), merge_fn=jnp.add)
-        g = support + bidir(support[None])[0]
+        # zero initial states computed from the support, so that they vary across devices where it
+        # does: flax's constant zeros fail the scan's carry type check under shard_map
+        zero = 0.0 * support[:1]
+        g = support + bidir(support[None], initial_carry=((zero, zero), (zero, zero)))[0]
         cell = nn.LSTMCell(dim, name="attention_lstm")
         c, h = jnp.zeros_like(query), jnp.zeros_like(query)
         readout = jnp.zeros_like(query)
@@ -50,10 +53,10 @@ def matching(backbone, full_context: bool = False, fce_steps: int = 4, scale: fl
     fce = FullContextEmbedding(fce_steps)
 
     def init(rng, task):
-        params = {"backbone": backbone.init(rng, task.support_x)["params"]}
+        params = {"backbone": init_params(backbone, rng, task.support_x)}
         if full_context:
             support, query = embed_task(backbone, params["backbone"], task)
-            params["fce"] = fce.init(rng, support, query)["params"]
+            params["fce"] = init_params(fce, rng, support, query)
         return params
 
     def log_probs(params, task, rng):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fsl_jax.learner import Learner, accuracy
+from fsl_jax.learner import Learner, accuracy, init_params
 from fsl_jax.metric.common import embed_task, one_hot_support
 from fsl_jax.nets.layers import BatchNorm, max_pool
 
@@ -48,9 +48,9 @@ def relation(backbone, width: int = 64, hidden: int = 8, task_map: str = "vmap")
     def init(rng, task):
         # two keys: both modules name their layers conv0, conv1, so one key would give them proportional kernels
         backbone_rng, relation_rng = jax.random.split(rng)
-        params = {"backbone": backbone.init(backbone_rng, task.support_x)["params"]}
+        params = {"backbone": init_params(backbone, backbone_rng, task.support_x)}
         grid, _ = pairs(params, task)
-        params["relation"] = module.init(relation_rng, grid)["params"]
+        params["relation"] = init_params(module, relation_rng, grid)
         return params
 
     def scores(params, task, rng):

@@ -6,7 +6,7 @@ import flax.linen as nn
 import optax
 
 from fsl_jax.errors import ConfigError
-from fsl_jax.learner import Learner, accuracy
+from fsl_jax.learner import Learner, accuracy, init_params
 from fsl_jax.metric.common import embed_task, per_class_max
 
 
@@ -30,10 +30,10 @@ def siamese(backbone, loss: str = "binary", margin: float = 1.0, task_map: str =
         return -jnp.sqrt(jnp.sum(jnp.square(query[:, None] - support[None]), -1) + 1e-9)
 
     def init(rng, task):
-        params = {"backbone": backbone.init(rng, task.support_x)["params"]}
+        params = {"backbone": init_params(backbone, rng, task.support_x)}
         if loss == "binary":
             support, _ = embed_task(backbone, params["backbone"], task)
-            params["head"] = head.init(rng, support)["params"]
+            params["head"] = init_params(head, rng, support)
         return params
 
     def predict(params, task, rng):

@@ -8,7 +8,7 @@ import flax.linen as nn
 import optax
 
 from fsl_jax.errors import check_count, check_positive
-from fsl_jax.learner import Learner, cross_entropy
+from fsl_jax.learner import Learner, cross_entropy, init_params
 from fsl_jax.metric.common import embed_task, one_hot_support
 
 
@@ -40,9 +40,9 @@ def transfer(backbone, num_train_classes: int, head_steps: int = 100, head_lr: f
     classifier = nn.Dense(num_train_classes)
 
     def init(rng, task):
-        params = {"backbone": backbone.init(rng, task.support_x)["params"]}
+        params = {"backbone": init_params(backbone, rng, task.support_x)}
         support, _ = embed_task(backbone, params["backbone"], task)
-        params["head"] = classifier.init(rng, support)["params"]
+        params["head"] = init_params(classifier, rng, support)
         return params
 
     def task_loss(params, task, rng):

@@ -25,8 +25,8 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         if self.has_variable("norm_stats", "mean") and not self.is_mutable_collection("norm_stats"):
             mean = self.get_variable("norm_stats", "mean")
             var = self.get_variable("norm_stats", "var")
@@ -120,10 +120,16 @@ def matmul_t(a, c):
     return jnp.einsum("...k,...n->kn", a, c)
 
 
+def _like(gradients, primals):
+    """Each gradient in its primal's dtype, as JAX's own rules give them (with float64 enabled a
+    float32 kernel met by float64 data would otherwise get a float64 gradient)."""
+    return tuple(g.astype(p.dtype) for g, p in zip(gradients, primals))
+
+
 matmul.defvjp(lambda a, b: (matmul(a, b), (a, b)),
-              lambda res, g: (matmul(g, res[1].T), matmul_t(res[0], g)))
+              lambda res, g: _like((matmul(g, res[1].T), matmul_t(res[0], g)), res))
 matmul_t.defvjp(lambda a, c: (matmul_t(a, c), (a, c)),
-                lambda res, g: (matmul(res[1], g.T), matmul(res[0], g)))
+                lambda res, g: _like((matmul(res[1], g.T), matmul(res[0], g)), res))
 
 
 def max_pool(x, window: int = 2):

@@ -43,6 +43,13 @@ def masked_average(features: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(features * weights[..., None], axes) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
+def shot_average(features: jax.Array, weights: jax.Array) -> jax.Array:
+    """PANet's prototype (Wang et al. 2019): the masked average of each shot's features [K, h, w, D]
+    under its weights [K, h, w], then the mean over the K shots, so that every shot counts alike
+    whatever the size of its object (an empty shot adds zeros, as in PANet)."""
+    return jnp.mean(jax.vmap(masked_average)(features, weights), 0)
+
+
 def cosine(features: jax.Array, prototype: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Cosine similarity of every feature vector [..., D] with a prototype [D]; finite (with finite
     gradients) for zero vectors."""
@@ -53,7 +60,9 @@ def cosine(features: jax.Array, prototype: jax.Array, eps: float = 1e-6) -> jax.
 def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature: float):
     """A batch loss that couples the tasks: the mean task loss plus ``weight`` x InfoNCE (van den Oord et
     al. 2018) across the batch, where each task's support code must be closer (cosine / ``temperature``)
-    to its own query target's code than to the other tasks' targets, as in a prototypical network's episode.
+    to its own query target's code than to the targets of the tasks of other classes, as in a
+    prototypical network's episode. Another task of the same class (``batch.classes``) is no negative:
+    its target is the same object, so it is left out of the softmax and of ``contrast_accuracy``.
 
     Pixel-wise losses teach a segmenter to segment every object long before they teach it to tell the
     support's object from the others; this term gives its features that signal directly.
@@ -64,8 +73,9 @@ def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature
     def batch_loss(params, batch, rng):
         losses, task_metrics, codes, targets = map_tasks(task_terms, task_map)(params, batch, rng)
         unit = lambda v: v / jnp.sqrt(jnp.sum(v * v, -1, keepdims=True) + 1e-12)
-        similarity = unit(codes) @ unit(targets).T / temperature
-        labels = jnp.arange(similarity.shape[0])
+        labels = jnp.arange(codes.shape[0])
+        valid = (batch.classes[:, None] != batch.classes[None, :]) | jnp.eye(len(labels), dtype=bool)
+        similarity = jnp.where(valid, unit(codes) @ unit(targets).T / temperature, -jnp.inf)
         contrast = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(similarity, labels))
         return jnp.mean(losses) + weight * contrast, {
             **jax.tree.map(jnp.mean, task_metrics), "contrast_loss": contrast,

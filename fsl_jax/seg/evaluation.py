@@ -3,7 +3,9 @@
 Scores follow :mod:`fsl_jax.metrics`: per-episode foreground IoU averaged over episodes (the
 clutter benchmark's figure, Michaelis et al. 2018, reported per distractor level with a 95%
 confidence interval), and mIoU, FB-IoU, pixel accuracy, precision, recall and F1 accumulated
-over all episodes (mIoU per class first, the few-shot convention of Shaban et al. 2017).
+over all episodes (mIoU per class first, the few-shot convention of Shaban et al. 2017). A pixel
+is predicted foreground where its probability exceeds the evaluation's ``threshold`` (the
+clutter benchmark's code keeps p > 0.3; 0.5 is the usual choice elsewhere).
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ from fsl_jax.learner import Learner
 
 
 @functools.lru_cache(maxsize=None)
-def _episode_counts(learner: Learner):
-    """Jitted (predicted masks [T, Q, H, W], confusion counts per task [T, 4]), compiled once per learner."""
+def _episode_counts(learner: Learner, threshold: float):
+    """Jitted (predicted masks [T, Q, H, W], confusion counts per task [T, 4]), compiled once per learner
+    and threshold: a pixel is foreground where its logit exceeds log(t / (1 - t)), i.e. p > t."""
+    cut = math.log(threshold / (1 - threshold))
 
     def counts(params, batch, rng):
-        pred = learner.predict(params, batch, rng) > 0
+        pred = learner.predict(params, batch, rng) > cut
         return pred, metrics.confusion(pred, batch.query_mask > 0.5, axes=(1, 2, 3))
 
     return jax.jit(counts)
@@ -36,18 +40,20 @@ def _mean_ci(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(ci)
 
 
-def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, progress: bool = True) -> dict:
-    """Scores of ``learner`` over the first ``episodes`` tasks of ``sampler`` (batches 0, 1, ...).
+def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, threshold: float,
+                          progress: bool = True) -> dict:
+    """Scores of ``learner`` over the first ``episodes`` tasks of ``sampler`` (batches 0, 1, ...), a
+    pixel predicted foreground where its probability exceeds ``threshold``.
 
     mIoU averages over the class ids the episodes hold, whatever their source (a fixed set may
     come from other classes than the run's held-out ones).
 
     Returns ``iou`` (mean per-episode foreground IoU, all query images of an episode together)
     and its ``ci95``, ``miou``, ``fb_iou``, ``pixel_accuracy``, ``precision``, ``recall``, ``f1``,
-    ``episodes``; and where scenes hold distractors, ``iou_by_distractors`` and
+    ``episodes``, ``threshold``; and where scenes hold distractors, ``iou_by_distractors`` and
     ``ci95_by_distractors`` keyed by the number of distractors.
     """
-    compute = _episode_counts(learner)
+    compute = _episode_counts(learner, threshold)
     counts, classes, levels, index = [], [], [], 0
     with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
         while len(counts) < episodes:
@@ -64,7 +70,7 @@ def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, prog
     per_episode = np.asarray(metrics.iou(jnp.asarray(counts)))
     iou, ci95 = _mean_ci(per_episode)
     result = {"iou": iou, "ci95": ci95, **{k: v for k, v in scores.items() if k != "mean_episode_iou"},
-              "episodes": int(len(counts))}
+              "episodes": int(len(counts)), "threshold": threshold}
     if levels.max() > 0:
         by_level = {int(d): _mean_ci(per_episode[levels == d]) for d in np.unique(levels)}
         result["iou_by_distractors"] = {str(d): m for d, (m, _) in by_level.items()}
@@ -79,9 +85,10 @@ def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[..., None] > 0.5, 0.45 * image + 0.55 * tint, image)
 
 
-def write_grid(learner: Learner, params, sampler, path: str | Path, rows: int = 6) -> Path:
+def write_grid(learner: Learner, params, sampler, path: str | Path, threshold: float, rows: int = 6) -> Path:
     """A PNG grid of the first ``rows`` tasks of ``sampler``: support (first shot, its mask in red),
-    query (first), prediction, ground truth; each row titled with its IoU (and distractors)."""
+    query (first), prediction (probability above ``threshold``), ground truth; each row titled with
+    its IoU (and distractors)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,7 +96,7 @@ def write_grid(learner: Learner, params, sampler, path: str | Path, rows: int = 
     batches, index = [], 0
     while sum(b[0].tasks for b in batches) < rows:
         batch = sampler.sample(index)
-        pred, counts = _episode_counts(learner)(params, batch, jax.random.PRNGKey(index))
+        pred, counts = _episode_counts(learner, threshold)(params, batch, jax.random.PRNGKey(index))
         batches.append((batch, np.asarray(pred), np.asarray(metrics.iou(counts))))
         index += 1
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows), squeeze=False)

@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from fsl_jax.learner import Learner
+from fsl_jax.learner import Learner, init_params
 from fsl_jax.meta.adapt import adapt, check_inner_loop
 from fsl_jax.nets.decoders import UNet
 from fsl_jax.seg.common import bce, segmentation_loss
@@ -44,7 +44,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
     test_steps = inner_steps if test_inner_steps is None else test_inner_steps
 
     def init(rng, task):
-        params = {"unet": unet.init(rng, task.support_x)["params"]}
+        params = {"unet": init_params(unet, rng, task.support_x)}
         if learn_inner_lr:
             params["inner_lr"] = jax.tree.map(lambda p: jnp.full_like(p, inner_lr), params["unet"])
         return params

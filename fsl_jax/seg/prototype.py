@@ -1,10 +1,11 @@
 """Prototype segmenter: masked average pooling and cosine similarity, with PANet's alignment loss.
 
-Support features pooled under the support masks (and under their complements) give a
-foreground and a background prototype; every query pixel is scored by the scaled cosine
-similarity to each (Wang et al., ICCV 2019, PANet; masked average pooling as in
+Each support image's features pooled under its mask (and under its complement), averaged over
+the shots, give a foreground and a background prototype; every query pixel is scored by the
+scaled cosine similarity to each (Wang et al., ICCV 2019, PANet; masked average pooling as in
 Zhang et al. 2018 SG-One). The optional prototype alignment regularisation turns the roles
-around: prototypes pooled from the query under its own prediction must segment the support.
+around: prototypes pooled from the queries under their own prediction (all queries together, as
+PANet's alignment pools them) must segment the support.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from fsl_jax.errors import ConfigError, check_positive
-from fsl_jax.learner import Learner
-from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss
+from fsl_jax.learner import Learner, init_params
+from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss, shot_average
 
 
 def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0, dice_weight: float = 1.0,
@@ -40,9 +41,10 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         return apply(task.support_x), apply(task.query_x)
 
     def prototypes(features, masks):
-        """(foreground, background) prototypes of features [N, h, w, D] under masks [N, h', w']."""
+        """(foreground, background) prototypes of features [N, h, w, D] under masks [N, h', w'], one per
+        image averaged over the N images, as PANet pools its shots."""
         weights = resize(masks[..., None], *features.shape[1:3])[..., 0]
-        return masked_average(features, weights), masked_average(features, 1.0 - weights)
+        return shot_average(features, weights), shot_average(features, 1.0 - weights)
 
     def scores(features, foreground, background):
         return scale * (cosine(features, foreground) - cosine(features, background))
@@ -66,11 +68,12 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         return loss, metrics, foreground, prototypes(query, task.query_mask)[0]
 
     def init(rng, task):
-        features, variables = backbone.init_with_output(rng, task.query_x)
+        params = init_params(backbone, rng, task.query_x)
+        features = jax.eval_shape(lambda p, x: backbone.apply({"params": p}, x), params, task.query_x)
         if features.shape[-1] < 2:  # the cosine of one-channel features is +-1: every logit would be 0
             raise ConfigError(f"the prototype segmenter needs features of at least 2 channels, its backbone gives "
                               f"{features.shape[-1]} (unet: raise backbone_options.outputs)")
-        return variables["params"]
+        return params
 
     return Learner(init=init,
                    task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,

@@ -1,10 +1,12 @@
-"""Siamese-U-Net (Michaelis, Bethge and Ecker, ICML 2018): one-shot segmentation in clutter.
+"""A variant of the Siamese-U-Net (Michaelis, Bethge and Ecker, ICML 2018): one-shot segmentation in clutter.
 
 One encoder, shared, reads the exemplar and the scene. The exemplar's code (its
 bottleneck features averaged over positions, and over shots when there are several)
-is matched against every position of the scene's bottleneck by an elementwise product
-(the published model's depthwise matching filter), normalised, and decoded by a U-Net
-decoder with skip connections from the scene's encoder. Support images are multiplied by
+is matched against every position of the scene's bottleneck by an elementwise product,
+normalised, and decoded by a U-Net decoder with skip connections from the scene's encoder.
+The published model differs: it has two encoders with their own weights (the scene's dilated,
+not pooled, in its last blocks) and matches by correlation, each scene position's dot product
+with the exemplar's code scaling that code. Support images are multiplied by
 their masks before encoding: an identity for the clutter protocol's exemplar (a character
 on black), and what makes a support scene with clutter usable as an exemplar.
 
@@ -20,7 +22,7 @@ from typing import Sequence
 
 import flax.linen as nn
 
-from fsl_jax.learner import Learner
+from fsl_jax.learner import Learner, init_params
 from fsl_jax.nets.decoders import UNetDecoder, UNetEncoder, image_norm
 from fsl_jax.seg.common import contrastive_batch_loss, masked_average, resize, segmentation_loss
 
@@ -44,7 +46,8 @@ class SiameseUNet(nn.Module):
 
 def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bilinear", dice_weight: float = 1.0,
                  contrast_weight: float = 0.0, temperature: float = 0.1, task_map: str = "vmap") -> Learner:
-    """The Siamese-U-Net as a :class:`Learner`, trained with pixel-wise binary cross-entropy.
+    """The Siamese-U-Net variant (shared encoder, elementwise matching) as a :class:`Learner`, trained with
+    pixel-wise binary cross-entropy.
 
     widths: encoder block widths (the decoder mirrors them); 2x2 pooling between blocks.
     upsample: "bilinear" or "transpose" (transposed convolutions) in the decoder.
@@ -63,7 +66,7 @@ def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bil
         target = masked_average(features, resize(task.query_mask[..., None], *features.shape[1:3])[..., 0])
         return loss, metrics, code, target
 
-    return Learner(init=lambda rng, task: net.init(rng, task.support_x, task.support_mask, task.query_x)["params"],
+    return Learner(init=lambda rng, task: init_params(net, rng, task.support_x, task.support_mask, task.query_x),
                    task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,
                    task_map=task_map,
                    batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature) if contrast_weight else None)
