@@ -21,7 +21,8 @@ import numpy as np
 from bridges.models import Exportable, Input, check_image_size
 from fsl_jax.errors import DataError, ExportError
 from fsl_jax.methods import make_backbone
-from fsl_jax.seg.common import cosine, resize, shot_average
+from fsl_jax.seg.common import resize
+from fsl_jax.seg.prototype import prototypes, scores
 
 SEGMENTERS = ("prototype_segmenter", "siamese_unet", "maml_segmenter")
 
@@ -57,15 +58,13 @@ def prototype_segmenter_model(config: dict, params, support: SegSupport, metadat
         support.images if same_size else support.queries)
     stats = lambda images: backbone.apply({"params": params}, jnp.asarray(images), mutable=["norm_stats"])[1].get("norm_stats", {})  # {}: no BatchNorm
     support_features = backbone.apply({"params": params, "norm_stats": stats(support_ref)}, jnp.asarray(support.images))
-    weights = resize(jnp.asarray(support.masks)[..., None], *support_features.shape[1:3])[..., 0]
-    baked = {"backbone": params, "norm_stats": stats(query_ref),
-             "foreground": shot_average(support_features, weights),
-             "background": shot_average(support_features, 1.0 - weights)}
+    foreground, background = prototypes(support_features, jnp.asarray(support.masks))
+    baked = {"backbone": params, "norm_stats": stats(query_ref), "foreground": foreground, "background": background}
     height, width = support.queries.shape[1:3]
 
     def apply(p, x):
         features = backbone.apply({"params": p["backbone"], "norm_stats": p["norm_stats"]}, x)
-        logits = scale * (cosine(features, p["foreground"]) - cosine(features, p["background"]))
+        logits = scores(features, p["foreground"], p["background"], scale)
         return (jax.nn.sigmoid(resize(logits[..., None], height, width)[..., 0]),)
 
     return Exportable(

@@ -1,4 +1,4 @@
-"""What the table scripts share: the machine's description and a trained run's summary."""
+"""What the table scripts share: the machine's description, the configs asked for and a trained run's summary."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,15 @@ from fsl_jax.config import load_config
 from fsl_jax.train import Experiment, read_metrics, restore_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def chosen_configs(parser, paths: list[Path], names: list[str]) -> list[Path]:
+    """The config ``paths`` whose stems are ``names`` (all of them when none are named); an unknown
+    name is a usage error (a typo would run nothing and rewrite the table)."""
+    unknown = sorted(set(names) - {p.stem for p in paths})
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; known: {sorted(p.stem for p in paths)}")
+    return [p for p in paths if p.stem in names] if names else paths
 
 
 def machine() -> str:

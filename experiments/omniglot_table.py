@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, train_run
+from common import chosen_configs, machine, train_run
 from fsl_jax.config import load_config
 from fsl_jax.data.lake_runs import read_runs, write_runs
 from fsl_jax.data.omniglot import load_omniglot, split
@@ -64,12 +64,7 @@ def main():
     parser.add_argument("configs", nargs="*", help="config stems (default: all in experiments/omniglot)")
     parser.add_argument("--episodes", type=int, default=1000)
     args = parser.parse_args()
-    paths = sorted((HERE / "omniglot").glob("*.yaml"))
-    unknown = sorted(set(args.configs) - {p.stem for p in paths})
-    if unknown:
-        parser.error(f"unknown config(s) {unknown}; known: {sorted(p.stem for p in paths)}")
-    if args.configs:
-        paths = [p for p in paths if p.stem in args.configs]
+    paths = chosen_configs(parser, sorted((HERE / "omniglot").glob("*.yaml")), args.configs)
     _, held_out = split(load_omniglot(image_size=105))
     with tempfile.TemporaryDirectory() as tmp:
         lake_runs = read_runs(write_runs(held_out, tmp, runs=20, seed=0), image_size=28)

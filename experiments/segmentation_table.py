@@ -23,15 +23,17 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from common import machine, train_run
-from fsl_jax.config import load_config
+from common import chosen_configs, machine, train_run
+from fsl_jax.config import TASK_DEFAULTS, load_config
 from fsl_jax.learner import Learner
 from fsl_jax.train import Experiment
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "segmentation.json"
-LEVELS = (3, 31, 255)  # distractors: the published levels count characters, the target too (4, 32, 256)
-THRESHOLD = 0.3  # the published code's calculate_IoU keeps p > 0.3 (eval.threshold of cluttered_omniglot)
+# The published protocol, as the cluttered_omniglot task's defaults hold it: distractors 3, 31, 255 (the paper
+# counts characters, the target too: 4, 32, 256) and p > 0.3 (its code's calculate_IoU)
+LEVELS = tuple(TASK_DEFAULTS["cluttered_omniglot"]["eval"]["distractors"])
+THRESHOLD = TASK_DEFAULTS["cluttered_omniglot"]["eval"]["threshold"]
 SHOTS = (1, 5)
 PUBLISHED = [("Siamese-U-Net (Michaelis et al. 2018)", (97.1, 62.4, 38.4)), ("MaskNet (Michaelis et al. 2018)", (95.8, 65.6, 43.7))]
 
@@ -114,12 +116,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", help="config stems (default: all in experiments/segmentation but demo)")
     args = parser.parse_args()
-    paths = [p for p in sorted((HERE / "segmentation").glob("*.yaml")) if p.stem != "demo"]
-    unknown = sorted(set(args.configs) - {p.stem for p in paths})
-    if unknown:
-        parser.error(f"unknown config(s) {unknown}; known: {sorted(p.stem for p in paths)}")
-    if args.configs:
-        paths = [p for p in paths if p.stem in args.configs]
+    paths = chosen_configs(parser, [p for p in sorted((HERE / "segmentation").glob("*.yaml")) if p.stem != "demo"], args.configs)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for path in paths:
         results[path.stem] = run_config(path)

@@ -192,6 +192,8 @@ OPTIONAL_TYPES = {"name": str, "out": str, "data.dir": str, "data.test_classes":
 # The least value of an integer key (and of a list's integers); every other integer counts something, so is at least 1.
 MINIMUM = {"train.seed": 0, "eval.seed": 0, "optim.warmup_steps": 0, "episode.ways": 2, "eval.ways": 2,
            "data.distractors": 0, "eval.distractors": 0}
+# Keys that are probabilities: positive, as every number, and below 1.
+PROBABILITIES = ("eval.threshold",)
 # The type of a list key's items, where its default is None or empty.
 ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str, "data.zips": str}
 _KINDS = {bool: "true or false", str: "a string", list: "a list"}
@@ -203,6 +205,8 @@ def check_value(key: str, value, kind: type, least: int | None = None) -> None:
         check_count(key, value, MINIMUM.get(key.split("[")[0], 1) if least is None else least)
     if kind is float:
         check_positive(key, value)
+        if key in PROBABILITIES and value >= 1:
+            raise ConfigError(f"{key} must be a probability between 0 and 1 (exclusive), got {value!r}")
     if kind in _KINDS and not isinstance(value, kind):
         raise ConfigError(f"{key} must be {_KINDS[kind]}, got {value!r}")
     if key == "eval.settings":

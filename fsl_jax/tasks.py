@@ -121,8 +121,6 @@ def _segmentation(config: dict, train_sampler, make_eval, num_train: int, allowe
     from fsl_jax.seg.evaluation import evaluate_segmentation, write_grid
 
     threshold = config["eval"]["threshold"]
-    if not 0 < threshold < 1:
-        raise ConfigError(f"eval.threshold must be a probability between 0 and 1 (exclusive), got {threshold!r}")
 
     def evaluate_(learner, params, sampler, episodes, progress=True):
         return evaluate_segmentation(learner, params, sampler, episodes, threshold, progress)

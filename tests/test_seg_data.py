@@ -281,6 +281,6 @@ def test_segmentation_tasks_score_at_their_probability_threshold(fss_root):
     assert scores[0.5]["iou"] == 0 < scores[0.3]["iou"] and [s["threshold"] for s in scores.values()] == [0.5, 0.3]
     assert load_config(None, given)["eval"]["threshold"] == 0.5
     with pytest.raises(ConfigError, match=r"eval.threshold must be a probability between 0 and 1 \(exclusive\), got 1.5"):
-        load_task(load_config(None, [*given, "eval.threshold=1.5"]))
+        load_config(None, [*given, "eval.threshold=1.5"])
     with pytest.raises(ConfigError, match="eval.threshold must be a positive number, got 0"):
         load_config(None, [*given, "eval.threshold=0"])

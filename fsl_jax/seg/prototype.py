@@ -18,6 +18,18 @@ from fsl_jax.learner import Learner, init_params
 from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss, shot_average
 
 
+def prototypes(features: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(foreground, background) prototypes of features [N, h, w, D] under masks [N, h', w'], one per
+    image averaged over the N images, as PANet pools its shots."""
+    weights = resize(masks[..., None], *features.shape[1:3])[..., 0]
+    return shot_average(features, weights), shot_average(features, 1.0 - weights)
+
+
+def scores(features: jax.Array, foreground: jax.Array, background: jax.Array, scale: float) -> jax.Array:
+    """Per-pixel logits [..., h, w]: ``scale`` x (cosine to the foreground - cosine to the background prototype)."""
+    return scale * (cosine(features, foreground) - cosine(features, background))
+
+
 def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0, dice_weight: float = 1.0,
                         contrast_weight: float = 0.0, temperature: float = 0.1, task_map: str = "vmap") -> Learner:
     """A few-shot segmenter on a fully convolutional ``backbone`` (e.g. Conv4 with ``pooled_blocks: 2``).
@@ -40,28 +52,19 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
             return features[: task.support_x.shape[0]], features[task.support_x.shape[0]:]
         return apply(task.support_x), apply(task.query_x)
 
-    def prototypes(features, masks):
-        """(foreground, background) prototypes of features [N, h, w, D] under masks [N, h', w'], one per
-        image averaged over the N images, as PANet pools its shots."""
-        weights = resize(masks[..., None], *features.shape[1:3])[..., 0]
-        return shot_average(features, weights), shot_average(features, 1.0 - weights)
-
-    def scores(features, foreground, background):
-        return scale * (cosine(features, foreground) - cosine(features, background))
-
     def predict(params, task, rng):
         support, query = embed(params, task)
-        logits = scores(query, *prototypes(support, task.support_mask))
+        logits = scores(query, *prototypes(support, task.support_mask), scale)
         return resize(logits[..., None], *task.query_x.shape[1:3])[..., 0]
 
     def task_terms(params, task, rng):
         support, query = embed(params, task)
         foreground, background = prototypes(support, task.support_mask)
-        coarse = scores(query, foreground, background)
+        coarse = scores(query, foreground, background, scale)
         loss, metrics = segmentation_loss(resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0], task.query_mask, dice_weight)
         if align_weight:
             predicted = jax.lax.stop_gradient((coarse > 0).astype(jnp.float32))
-            back = scores(support, masked_average(query, predicted), masked_average(query, 1.0 - predicted))
+            back = scores(support, masked_average(query, predicted), masked_average(query, 1.0 - predicted), scale)
             align = bce(resize(back[..., None], *task.support_x.shape[1:3])[..., 0], task.support_mask)
             loss = loss + align_weight * align
             metrics = {**metrics, "align_loss": align}
