@@ -16,7 +16,7 @@ import numpy as np
 
 from bridges.models import Exportable, Support, embedding_model, classifier_model, held_out_support, \
     load_class_folders, run_metadata
-from fsl_jax.errors import DataError, ExportError
+from fsl_jax.errors import ExportError
 from fsl_jax.outputs import write_replacing
 
 FORMATS = ("savedmodel", "coreml")
@@ -26,13 +26,11 @@ PARITY_EXAMPLES = 4  # Core ML inputs are single images: how many the parity che
 
 def load_run(run: str | Path, data_dir: str | None = None):
     """(config, experiment, params, step) of a trained run; clear errors for a missing run or checkpoint."""
-    from fsl_jax.config import load_config
+    from fsl_jax.config import run_config
     from fsl_jax.train import Experiment, restore_params
 
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise DataError(f"{run} is not a run directory: {run / 'config.yaml'} is missing")
-    config = load_config(run / "config.yaml", [f"data.dir={data_dir}"] if data_dir else [])
+    config = run_config(run, data_dir)
     experiment = Experiment(config)
     return config, experiment, *restore_params(run, experiment)
 

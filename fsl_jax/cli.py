@@ -11,19 +11,6 @@ from pathlib import Path
 from fsl_jax.errors import FslJaxError
 
 
-def _config_from_run(run: Path, data_dir: str | None) -> dict:
-    from fsl_jax.config import complete, read_config_file
-    from fsl_jax.errors import DataError
-
-    path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise DataError(f"{run} is not a run directory: {path} is missing")
-    config = complete(read_config_file(path))
-    if data_dir:
-        config["data"]["dir"] = data_dir
-    return config
-
-
 def cmd_train(args) -> dict:
     from fsl_jax.config import load_config
     from fsl_jax.train import train
@@ -36,6 +23,7 @@ def cmd_train(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
+    from fsl_jax.config import run_config
     from fsl_jax.errors import ConfigError, DataError
     from fsl_jax.train import Experiment, restore_params
 
@@ -47,7 +35,7 @@ def cmd_eval(args) -> dict:
     unused = [flag for flag, value in sampled.items() if value is not None]
     if fixed_set and unused:
         raise ConfigError(f"{', '.join(unused)} shape sampled episodes; {fixed_set} evaluates a fixed set")
-    config = _config_from_run(args.run, args.data_dir)
+    config = run_config(args.run, args.data_dir)
     experiment = Experiment(config)
     if args.picture and experiment.task.picture is None:
         raise ConfigError(f"--picture draws segmentations; {args.run} is a {config['data']['name']} run")
@@ -82,7 +70,7 @@ def cmd_eval(args) -> dict:
         sampler = experiment.eval_sampler(ways=args.ways, shots=args.shots, queries=args.queries,
                                           distractors=args.distractors)
         described, episodes = experiment.task.describe(sampler), config["eval"]["episodes"]
-        levels = sorted(set(described.get("distractors", [])))
+        levels = described.get("distractors", [])  # they take turns: the last ones would get no episode
         if args.episodes is not None and args.episodes < len(levels):
             raise ConfigError(f"--episodes {args.episodes} is fewer than the {len(levels)} distractor levels {levels}: "
                               "every level needs at least one episode")
@@ -172,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
+    from fsl_jax.config import TASK_DEFAULTS
     data = sub.add_parser("data", help="get Omniglot, write Lake-style one-shot runs or fixed cluttered test sets")
     action = data.add_subparsers(dest="action", required=True)
     download = action.add_parser("download", help="Lake's Omniglot zips into --data-dir (sha256 checked)")
@@ -180,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     lake.add_argument("--runs", type=int, default=20)
     cluttered = action.add_parser("cluttered-sets", help="fixed cluttered-Omniglot test sets, one per distractor level")
     cluttered.add_argument("--episodes", type=int, default=1000, help="scenes per distractor level")
-    cluttered.add_argument("--distractors", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256],
-                           help="distractor levels, one set each")
+    levels = TASK_DEFAULTS["cluttered_omniglot"]["eval"]["distractors"]
+    cluttered.add_argument("--distractors", type=int, nargs="+", default=levels,
+                           help=f"distractor levels, one set each (default {' '.join(map(str, levels))}: "
+                                "the published 4, 32 and 256 characters per scene)")
     for command, default in ((lake, "runs/lake_runs"), (cluttered, "runs/cluttered_omniglot")):
         command.add_argument("--out", type=Path, default=Path(default), help=f"where to write (default {default})")
         command.add_argument("--alphabets", nargs="*", help="alphabets to draw from (default: held-out ones)")

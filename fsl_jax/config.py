@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fsl_jax.data.omniglot import DEFAULT_TEST_ALPHABETS, SMALL_BACKGROUND
-from fsl_jax.errors import ConfigError, check_count, check_positive
+from fsl_jax.errors import ConfigError, DataError, check_count, check_positive, check_probability
 
 FREE_FORM = ("method_options", "backbone_options")
 
@@ -192,7 +192,7 @@ OPTIONAL_TYPES = {"name": str, "out": str, "data.dir": str, "data.test_classes":
 # The least value of an integer key (and of a list's integers); every other integer counts something, so is at least 1.
 MINIMUM = {"train.seed": 0, "eval.seed": 0, "optim.warmup_steps": 0, "episode.ways": 2, "eval.ways": 2,
            "data.distractors": 0, "eval.distractors": 0}
-# Keys that are probabilities: positive, as every number, and below 1.
+# Keys that are probabilities: above 0 and below 1.
 PROBABILITIES = ("eval.threshold",)
 # The type of a list key's items, where its default is None or empty.
 ITEM_TYPES = {"data.test_classes": str, "data.test_alphabets": str, "data.zips": str}
@@ -204,9 +204,7 @@ def check_value(key: str, value, kind: type, least: int | None = None) -> None:
     if kind is int:
         check_count(key, value, MINIMUM.get(key.split("[")[0], 1) if least is None else least)
     if kind is float:
-        check_positive(key, value)
-        if key in PROBABILITIES and value >= 1:
-            raise ConfigError(f"{key} must be a probability between 0 and 1 (exclusive), got {value!r}")
+        (check_probability if key in PROBABILITIES else check_positive)(key, value)
     if kind in _KINDS and not isinstance(value, kind):
         raise ConfigError(f"{key} must be {_KINDS[kind]}, got {value!r}")
     if key == "eval.settings":
@@ -222,7 +220,8 @@ def check_value(key: str, value, kind: type, least: int | None = None) -> None:
 
 def check(config: dict) -> dict:
     """``config``, after checking every value against the type and range of its key (see OPTIONAL_TYPES
-    and MINIMUM); the first wrong one is a ConfigError that names its key."""
+    and MINIMUM), and the evaluations' episodes against their distractor levels; the first wrong one is
+    a ConfigError that names its key."""
 
     def walk(defaults: dict, values: dict, path: str = "") -> None:
         for key, default in defaults.items():
@@ -239,6 +238,11 @@ def check(config: dict) -> dict:
                 check_value(where, value, type(default))
 
     walk(defaults_for(config["data"]["name"]), config)
+    levels = config["eval"].get("distractors")
+    for key in ("episodes", "curve_episodes"):
+        if levels and config["eval"][key] < len(levels):  # the levels take turns: the last ones would get none
+            raise ConfigError(f"eval.{key} is {config['eval'][key]}, fewer than the {len(levels)} levels of "
+                              f"eval.distractors {levels}: every level needs at least one episode")
     return config
 
 
@@ -286,6 +290,22 @@ def complete(config: dict) -> dict:
     """A full config saved earlier (a run's ``config.yaml``), with keys added to the defaults
     since then filled in, so runs of an older version still resume and evaluate."""
     return check(_merge(defaults_for(config.get("data", {}).get("name", DEFAULTS["data"]["name"])), config))
+
+
+def run_config(run: str | Path, data_dir: str | None = None) -> dict:
+    """The full config a run directory saved (its ``config.yaml``, completed as :func:`complete` does), with
+    its data found in ``data_dir`` if given. A missing file is a DataError; a value that is no longer valid,
+    a ConfigError naming the file, since no command line names it."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"{run} is not a run directory: {path} is missing")
+    try:
+        config = complete(read_config_file(path))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if data_dir:
+        config["data"]["dir"] = str(data_dir)
+    return config
 
 
 def eval_episode(config: dict) -> dict:

@@ -26,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from fsl_jax.config import check, complete, dump_config, read_config_file
+from fsl_jax.config import check, dump_config, run_config
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
@@ -355,7 +355,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         saved = run_dir / "config.yaml"
         if (start or records) and saved.exists():  # a run that holds nothing yet is started afresh
             # where the run and its data lie (out, data.dir) may change: a moved run resumes
-            differences = [d for d in _config_differences(complete(read_config_file(saved)), config)
+            differences = [d for d in _config_differences(run_config(run_dir), config)
                            if not d.startswith(("out:", "data.dir:"))]
             if differences:
                 raise ConfigError(f"run directory {run_dir} holds a run of a different config "

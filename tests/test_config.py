@@ -153,3 +153,64 @@ def test_task_keys_and_saved_configs_are_checked_too():
     assert good["data"]["distractors"] == [0, 4] and good["optim"]["lr"] == 1
     with pytest.raises(ConfigError, match="episode.tasks must be a positive integer, got '8'"):
         complete({**good, "episode": {"tasks": "8"}})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.episodes=2"], r"eval.episodes is 2, fewer than the 3 levels of eval.distractors \[3, 31, 255\]"),
+    (["eval.curve_episodes=1"], "eval.curve_episodes is 1, fewer than the 3 levels"),
+    (["eval.distractors=[3, 3, 31]", "eval.curve_episodes=2"], "fewer than the 3 levels"),  # turns, not distinct levels
+])
+def test_evaluations_too_short_for_their_distractor_levels_are_refused(overrides, message):
+    """The levels take turns over the episodes: fewer episodes than levels would drop the last levels silently."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.name=cluttered_omniglot", "method=siamese_unet", *overrides])
+    load_config(None, ["data.name=cluttered_omniglot", "method=siamese_unet", "eval.curve_episodes=3"])
+
+
+def test_a_run_config_that_is_no_longer_valid_names_its_file(tmp_path):
+    from fsl_jax.config import dump_config, run_config
+    from fsl_jax.errors import DataError
+
+    with pytest.raises(DataError, match="is not a run directory: .*config.yaml is missing"):
+        run_config(tmp_path)
+    config = load_config(None, ["data.name=cluttered_omniglot", "method=siamese_unet"])
+    (tmp_path / "config.yaml").write_text(dump_config({**config, "eval": {**config["eval"], "episodes": 2}}))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.yaml'}: eval.episodes is 2"):
+        run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    assert run_config(tmp_path, "/elsewhere")["data"]["dir"] == "/elsewhere"
+
+
+@pytest.mark.parametrize("option, message", [
+    ("widths=5", r"option widths of method 'siamese_unet' must be a list like \[16, 32, 64, 128\], got 5"),
+    ("widths=[4, eight]", r"option widths\[1\] of method 'siamese_unet' must be an integer, got 'eight'"),
+    ("threshold=0.4", r"option\(s\) \['threshold'\] of method 'siamese_unet' come from the config \(eval.threshold\)"),
+    ("dice_weight=-1", "dice_weight must be a number of at least 0, got -1"),
+    ("temperature=0", "temperature must be a positive number, got 0"),  # even with the contrastive term off
+])
+def test_segmenter_options_are_checked(option, message):
+    config = load_config(None, ["data.name=cluttered_omniglot", "method=siamese_unet", f"method_options.{option}"])
+    with pytest.raises(ConfigError, match=message):
+        make_learner(config, num_train_classes=10)
+
+
+def test_segmenters_take_their_training_metrics_threshold_from_eval_threshold(monkeypatch):
+    """The training iou of curves.png is drawn beside the held-out one: both at the task's eval.threshold."""
+    from fsl_jax import methods
+
+    seen = {}
+    monkeypatch.setitem(methods.METHODS, "siamese_unet", lambda threshold=0.5: seen.setdefault("threshold", threshold))
+    for task, threshold in (("cluttered_omniglot", 0.3), ("fss", 0.5)):
+        seen.clear()
+        make_learner(load_config(None, [f"data.name={task}", "method=siamese_unet"]), num_train_classes=10)
+        assert seen == {"threshold": threshold}
+    seen.clear()
+    make_learner(load_config(None, ["data.name=cluttered_omniglot", "method=siamese_unet", "eval.threshold=0.6"]), 10)
+    assert seen == {"threshold": 0.6}
+
+
+def test_fixed_cluttered_sets_default_to_the_published_levels():
+    """4, 32 and 256 characters per scene, target included: the levels the evaluation scores by default."""
+    from fsl_jax.cli import build_parser
+
+    assert build_parser().parse_args(["data", "cluttered-sets"]).distractors == [3, 31, 255]

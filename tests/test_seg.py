@@ -210,11 +210,23 @@ def test_evaluation_keeps_the_pixels_above_the_threshold():
     assert (at_half["iou"], at_half["threshold"]) == (0.0, 0.5) and (at_03["iou"], at_03["threshold"]) == (1.0, 0.3)
 
 
+def test_training_metrics_count_the_pixels_above_the_threshold():
+    """Logits at p = 0.4 on the object: no overlap at p > 0.5, all of it at p > 0.3."""
+    from fsl_jax.seg.common import segmentation_loss
+
+    masks = jnp.zeros((2, 8, 8)).at[:, 2:5, 2:5].set(1.0)
+    logits = jnp.where(masks > 0, np.log(0.4 / 0.6), -9.0)
+    at_half, at_03 = (segmentation_loss(logits, masks, threshold=t) for t in (0.5, 0.3))
+    assert float(at_half[1]["iou"]) == 0.0 and float(at_03[1]["iou"]) == 1.0 and at_half[0] == at_03[0]
+
+
 def test_segmenter_options_are_checked_when_built():
     from fsl_jax.errors import ConfigError
 
     for make, message in [(lambda: prototype_segmenter(UNet(widths=(4, 8)), scale=0), "scale must be a positive number"),
-                          (lambda: siamese_unet(contrast_weight=1.0, temperature=0.0), "temperature must be a positive number")]:
+                          (lambda: siamese_unet(contrast_weight=1.0, temperature=0.0), "temperature must be a positive number"),
+                          (lambda: prototype_segmenter(UNet(widths=(4, 8)), align_weight=-0.5), "align_weight must be a number of at least 0"),
+                          (lambda: maml_segmenter(threshold=1.0), "threshold must be a probability between 0 and 1")]:
         with pytest.raises(ConfigError, match=message):
             make()
     one_channel = prototype_segmenter(UNet(widths=(4, 8), outputs=1))  # cosines of +-1: every logit 0

@@ -282,5 +282,5 @@ def test_segmentation_tasks_score_at_their_probability_threshold(fss_root):
     assert load_config(None, given)["eval"]["threshold"] == 0.5
     with pytest.raises(ConfigError, match=r"eval.threshold must be a probability between 0 and 1 \(exclusive\), got 1.5"):
         load_config(None, [*given, "eval.threshold=1.5"])
-    with pytest.raises(ConfigError, match="eval.threshold must be a positive number, got 0"):
+    with pytest.raises(ConfigError, match=r"eval.threshold must be a probability between 0 and 1 \(exclusive\), got 0"):
         load_config(None, [*given, "eval.threshold=0"])

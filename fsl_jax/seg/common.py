@@ -1,12 +1,14 @@
 """Pieces shared by the segmenters: the pixel-wise loss, training metrics, masked average pooling."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from fsl_jax import metrics
-from fsl_jax.errors import check_positive
+from fsl_jax.errors import check_positive, check_probability, check_weight
 from fsl_jax.learner import Metrics, map_tasks
 
 
@@ -23,12 +25,30 @@ def soft_dice(logits: jax.Array, masks: jax.Array) -> jax.Array:
     return jnp.mean(1.0 - (2.0 * overlap + 1.0) / (jnp.sum(prob, (-2, -1)) + jnp.sum(masks, (-2, -1)) + 1.0))
 
 
-def segmentation_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 0.0) -> tuple[jax.Array, Metrics]:
+def segmentation_loss(logits: jax.Array, masks: jax.Array, dice_weight: float = 0.0,
+                      threshold: float = 0.5) -> tuple[jax.Array, Metrics]:
     """Binary cross-entropy (plus ``dice_weight`` x soft Dice) of query logits [Q, H, W], with the mean
-    per-image IoU and the pixel accuracy of the thresholded prediction (logit > 0) as metrics."""
-    counts = metrics.confusion(logits > 0, masks > 0.5, axes=(-2, -1))
+    per-image IoU and the pixel accuracy of the prediction (probability above ``threshold``) as metrics."""
+    counts = metrics.confusion(logits > logit(threshold), masks > 0.5, axes=(-2, -1))
     loss = bce(logits, masks) + (dice_weight * soft_dice(logits, masks) if dice_weight else 0.0)
     return loss, {"iou": jnp.mean(metrics.iou(counts)), "accuracy": metrics.pixel_accuracy(counts.sum(0))}
+
+
+def logit(probability: float) -> float:
+    """log(p / (1 - p)): a logit exceeds it exactly where its probability exceeds ``p``."""
+    check_probability("threshold", probability)
+    return math.log(probability / (1 - probability))
+
+
+def check_segmenter(threshold: float, temperature: float | None = None, **weights: float) -> None:
+    """A segmenter's options, each named when it is wrong: the metrics' ``threshold`` a probability, the loss
+    terms' ``weights`` (by name) at least 0, and the contrastive term's ``temperature``, where it has one,
+    positive, whether or not that term is on."""
+    logit(threshold)
+    for name, weight in weights.items():
+        check_weight(name, weight)
+    if temperature is not None:
+        check_positive("temperature", temperature)
 
 
 def resize(x: jax.Array, height: int, width: int) -> jax.Array:

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from fsl_jax import metrics
 from fsl_jax.learner import Learner
+from fsl_jax.seg.common import logit
 
 
 @functools.lru_cache(maxsize=None)
 def _episode_counts(learner: Learner, threshold: float):
     """Jitted (predicted masks [T, Q, H, W], confusion counts per task [T, 4]), compiled once per learner
     and threshold: a pixel is foreground where its logit exceeds log(t / (1 - t)), i.e. p > t."""
-    cut = math.log(threshold / (1 - threshold))
+    cut = logit(threshold)
 
     def counts(params, batch, rng):
         pred = learner.predict(params, batch, rng) > cut

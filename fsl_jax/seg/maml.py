@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from fsl_jax.learner import Learner, init_params
 from fsl_jax.meta.adapt import adapt, check_inner_loop
 from fsl_jax.nets.decoders import UNet
-from fsl_jax.seg.common import bce, segmentation_loss
+from fsl_jax.seg.common import bce, check_segmenter, segmentation_loss
 
 
 def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinear", inner_steps: int = 3,
                    test_inner_steps: int | None = None, inner_lr: float = 0.1, first_order: bool = False,
-                   learn_inner_lr: bool = False, dice_weight: float = 1.0, im2col: bool = True,
+                   learn_inner_lr: bool = False, dice_weight: float = 1.0, threshold: float = 0.5, im2col: bool = True,
                    task_map: str = "vmap") -> Learner:
     """The MAML segmenter as a :class:`Learner`; parameters ``{"unet": ...}`` (plus ``"inner_lr"``, a
     learned rate per parameter, with ``learn_inner_lr``: Meta-SGD, Li et al. 2017).
@@ -32,6 +32,8 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
     first_order: FOMAML (inner gradients held constant).
     dice_weight: weight of a soft Dice term in the query (outer) loss; the inner loss is
         cross-entropy alone.
+    threshold: a pixel counts as foreground in the training metrics (iou, accuracy) where its
+        probability exceeds this (configs: ``eval.threshold``, so training and held-out scores agree).
     im2col: convolutions as matrix products on CPU (faster with per-task kernels; no forward-mode
         differentiation on CPU: see :func:`fsl_jax.nets.layers.conv`).
     task_map: "vmap", "map" or "unroll" over a batch of tasks (fsl_jax.learner.map_tasks). Default vmap:
@@ -39,6 +41,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
         experiments/segmentation/maml_unet_1shot.yaml`), which takes twice as long to compile.
     """
     check_inner_loop(inner_steps, test_inner_steps, inner_lr)
+    check_segmenter(threshold, dice_weight=dice_weight)
     unet = UNet(tuple(widths), upsample, im2col=im2col)
     apply = lambda params, x: unet.apply({"params": params}, x)[..., 0]
     test_steps = inner_steps if test_inner_steps is None else test_inner_steps
@@ -55,7 +58,7 @@ def maml_segmenter(widths: Sequence[int] = (8, 16, 32), upsample: str = "bilinea
 
     def loss(params, task, rng):
         logits = apply(adapted(params, task, inner_steps, first_order), task.query_x)
-        return segmentation_loss(logits, task.query_mask, dice_weight)
+        return segmentation_loss(logits, task.query_mask, dice_weight, threshold)
 
     def predict(params, task, rng):
         return apply(adapted(params, task, test_steps, True), task.query_x)

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from fsl_jax.errors import ConfigError, check_positive
 from fsl_jax.learner import Learner, init_params
-from fsl_jax.seg.common import bce, contrastive_batch_loss, cosine, masked_average, resize, segmentation_loss, shot_average
+from fsl_jax.seg.common import (bce, check_segmenter, contrastive_batch_loss, cosine, masked_average, resize,
+                                segmentation_loss, shot_average)
 
 
 def prototypes(features: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -31,7 +32,8 @@ def scores(features: jax.Array, foreground: jax.Array, background: jax.Array, sc
 
 
 def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: float = 1.0, dice_weight: float = 1.0,
-                        contrast_weight: float = 0.0, temperature: float = 0.1, task_map: str = "vmap") -> Learner:
+                        contrast_weight: float = 0.0, temperature: float = 0.1, threshold: float = 0.5,
+                        task_map: str = "vmap") -> Learner:
     """A few-shot segmenter on a fully convolutional ``backbone`` (e.g. Conv4 with ``pooled_blocks: 2``).
 
     scale: the cosine similarities' temperature (PANet uses 20); the foreground logit of a
@@ -41,8 +43,12 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
     contrast_weight: weight of a contrastive term across the batch's tasks (each task's foreground
         prototype against the queries' targets, :func:`fsl_jax.seg.common.contrastive_batch_loss`; 0: off).
     temperature: that term's softmax temperature on cosine similarities.
+    threshold: a pixel counts as foreground in the training metrics (iou, accuracy) where its
+        probability exceeds this (configs: ``eval.threshold``, so training and held-out scores agree).
     """
     check_positive("scale", scale)
+    check_segmenter(threshold, temperature, align_weight=align_weight, dice_weight=dice_weight,
+                    contrast_weight=contrast_weight)
 
     def embed(params, task):
         """Support and query features; one pass (one set of BatchNorm statistics) when sizes agree."""
@@ -61,7 +67,8 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         support, query = embed(params, task)
         foreground, background = prototypes(support, task.support_mask)
         coarse = scores(query, foreground, background, scale)
-        loss, metrics = segmentation_loss(resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0], task.query_mask, dice_weight)
+        logits = resize(coarse[..., None], *task.query_x.shape[1:3])[..., 0]
+        loss, metrics = segmentation_loss(logits, task.query_mask, dice_weight, threshold)
         if align_weight:
             predicted = jax.lax.stop_gradient((coarse > 0).astype(jnp.float32))
             back = scores(support, masked_average(query, predicted), masked_average(query, 1.0 - predicted), scale)

@@ -24,7 +24,7 @@ import flax.linen as nn
 
 from fsl_jax.learner import Learner, init_params
 from fsl_jax.nets.decoders import UNetDecoder, UNetEncoder, image_norm
-from fsl_jax.seg.common import contrastive_batch_loss, masked_average, resize, segmentation_loss
+from fsl_jax.seg.common import check_segmenter, contrastive_batch_loss, masked_average, resize, segmentation_loss
 
 
 class SiameseUNet(nn.Module):
@@ -45,7 +45,8 @@ class SiameseUNet(nn.Module):
 
 
 def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bilinear", dice_weight: float = 1.0,
-                 contrast_weight: float = 0.0, temperature: float = 0.1, task_map: str = "vmap") -> Learner:
+                 contrast_weight: float = 0.0, temperature: float = 0.1, threshold: float = 0.5,
+                 task_map: str = "vmap") -> Learner:
     """The Siamese-U-Net variant (shared encoder, elementwise matching) as a :class:`Learner`, trained with
     pixel-wise binary cross-entropy.
 
@@ -54,7 +55,10 @@ def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bil
     dice_weight: weight of a soft Dice term added to the loss (0: cross-entropy alone, as published).
     contrast_weight: weight of the contrastive term across the batch's tasks (0: off, as published).
     temperature: the contrastive term's softmax temperature on cosine similarities.
+    threshold: a pixel counts as foreground in the training metrics (iou, accuracy) where its
+        probability exceeds this (configs: ``eval.threshold``, so training and held-out scores agree).
     """
+    check_segmenter(threshold, temperature, dice_weight=dice_weight, contrast_weight=contrast_weight)
     net = SiameseUNet(tuple(widths), upsample)
 
     def predict(params, task, rng):
@@ -62,7 +66,7 @@ def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bil
 
     def task_terms(params, task, rng):
         logits, code, features = net.apply({"params": params}, task.support_x, task.support_mask, task.query_x)
-        loss, metrics = segmentation_loss(logits, task.query_mask, dice_weight)
+        loss, metrics = segmentation_loss(logits, task.query_mask, dice_weight, threshold)
         target = masked_average(features, resize(task.query_mask[..., None], *features.shape[1:3])[..., 0])
         return loss, metrics, code, target
 
