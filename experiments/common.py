@@ -32,20 +32,23 @@ def machine() -> str:
 def train_run(path: Path, out: str, results: Path):
     """Train (or resume) the config at ``path`` into ``out``; returns (experiment, params, summary).
 
-    The summary holds the config, steps, training minutes (kept from ``results`` when the run
-    was already complete), and median training and sampler episodes/s.
+    The summary holds the config, steps, training minutes (the run's, over all its resumptions),
+    and median training and sampler episodes/s.
     """
     config = load_config(path, [f"out={out}"])
     previous = json.loads(results.read_text()).get(path.stem, {}) if results.exists() else {}
     complete = any(r["step"] == config["train"]["steps"] for r in read_metrics(Path(out)))
     start = time.perf_counter()
     run = train(config, progress=False)
-    minutes = (time.perf_counter() - start) / 60
-    if complete and "train_minutes" in previous:  # no training now: keep the minutes measured when it trained
+    records = [r for r in read_metrics(run) if r["split"] == "train"]
+    if "elapsed_s" in records[-1]:
+        minutes = records[-1]["elapsed_s"] / 60
+    elif complete and "train_minutes" in previous:  # a run that logged no time, trained before: its minutes then
         minutes = previous["train_minutes"]
+    else:
+        minutes = (time.perf_counter() - start) / 60
     experiment = Experiment(config)
     params, step = restore_params(run, experiment)
-    records = [r for r in read_metrics(run) if r["split"] == "train"]
     summary = {"config": str(path.relative_to(ROOT)), "method": config["method"], "steps": step,
                "train_episode": config["episode"], "train_minutes": round(minutes, 1),
                "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),

@@ -1,7 +1,8 @@
 """One training loop for every learner and kind of task: jitted optax step, orbax checkpoints, metrics as JSON lines.
 
 A run directory holds ``config.yaml``, ``checkpoints/`` (orbax; written atomically, so a
-killed run never leaves a broken one), ``metrics.jsonl`` (one record per log or evaluation)
+killed run never leaves a broken one), ``metrics.jsonl`` (one record per log or evaluation;
+a training record's ``elapsed_s`` is the run's training time so far, over all its resumptions)
 and ``curves.png`` (each rewritten beside and moved into place, never truncated), and
 ``.lock``, which one training process at a time holds. Episodes and step keys depend only on
 ``(seed, step)``, so a run killed and resumed reaches exactly the metrics of an uninterrupted
@@ -367,8 +368,10 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
             params, opt_state = restored["params"], restored["opt_state"]
         # Records after the checkpoint were written by a run that died later; they will be rewritten.
         metrics_path = run_dir / "metrics.jsonl"
-        kept = "".join(json.dumps(r) + "\n" for r in records if r["step"] <= start)
-        write_replacing(metrics_path, lambda partial: partial.write_text(kept))
+        kept = [r for r in records if r["step"] <= start]
+        write_replacing(metrics_path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        earlier, resumed_at = max([r["elapsed_s"] for r in kept if "elapsed_s" in r], default=0.0), time.perf_counter()
+        elapsed = lambda: earlier + time.perf_counter() - resumed_at  # the run's training time, resumptions included
 
         base_key = jax.random.PRNGKey(config["train"]["seed"])
         sampler = experiment.train_sampler
@@ -422,7 +425,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                     log({"step": last, "split": "train", "loss": float(np.mean(window["loss"])),
                          **{k: float(np.mean([m[k] for m in window["metrics"]])) for k in window["metrics"][0]},
                          "episodes_per_s": n * sampler.tasks / window["step_s"],
-                         "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9)})
+                         "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9),
+                         "elapsed_s": elapsed()})
                     window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
                 if last % config["eval"]["every"] == 0 or last == steps:
                     result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
