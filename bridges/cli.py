@@ -2,13 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 # coremltools logs at import that the pinned TensorFlow and Torch are newer than the versions it was tested
 # with; its other messages stay.
 logging.getLogger("coremltools").addFilter(lambda record: "has not been tested with coremltools" not in
                                            record.getMessage())
+
+# Lines that TensorFlow's native code writes at start-up, before its logging is set up (so past
+# TF_CPP_MIN_LOG_LEVEL), and that coremltools prints where Core ML's runtime does not exist (Linux):
+# true of every export, so they say nothing about this one.
+START_UP_NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on|"
+                            r"cudart_stub\.cc.*Could not find cuda drivers|failed call to cuInit|"
+                            r"Failed to load _ML\w*Proxy: No module named 'coremltools\.libcoremlpython'")
+
+
+@contextlib.contextmanager
+def start_up_noise_dropped():
+    """Hold back what is written to the process's standard error (file descriptor 2, where native code
+    writes) during the block, then pass it on without the lines of ``START_UP_NOISE``, whatever happens
+    in the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not START_UP_NOISE.search(line)))
+            sys.stderr.flush()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> dict:
-    from bridges.export import export_run
+    with start_up_noise_dropped():
+        from bridges.export import export_run
 
-    return export_run(args.run, args.format, args.precision, args.support, args.out, args.force, args.model,
-                      args.target, args.image_input, args.data_dir)
+        return export_run(args.run, args.format, args.precision, args.support, args.out, args.force, args.model,
+                          args.target, args.image_input, args.data_dir)

@@ -416,3 +416,22 @@ def test_unexportable_requests_are_refused(run_dir, tmp_path):
         export_run(run_dir, "coreml", target="iOS99", out=tmp_path / "t.mlpackage")
     with pytest.raises(ExportError, match="SavedModel is exported in float32"):
         export_run(run_dir, "savedmodel", precision="fp16", out=tmp_path / "t")
+
+
+def test_export_drops_the_start_up_noise_of_native_code_only(capfd):
+    """TensorFlow's pre-logging start-up lines (and coremltools' on Linux) go to file descriptor 2 directly;
+    they are dropped, every other line is passed on, even when the export fails."""
+    import os
+
+    from bridges.cli import start_up_noise_dropped
+
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             "I0000 00:00:1 port.cc:153] oneDNN custom operations are on. You may see slightly different results\n"
+             "I0000 00:00:1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+             "Failed to load _MLModelProxy: No module named 'coremltools.libcoremlpython'\n")
+    with pytest.raises(RuntimeError, match="export failed"):
+        with start_up_noise_dropped():
+            os.write(2, (noise + "E0000 real native error\n").encode())
+            print("a Python warning", file=sys.stderr)
+            raise RuntimeError("export failed")
+    assert sorted(capfd.readouterr().err.splitlines()) == ["E0000 real native error", "a Python warning"]
