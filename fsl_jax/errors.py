@@ -33,25 +33,27 @@ class ExportError(FslJaxError, ValueError):
     """A model that cannot be exported as asked (an unsupported operation, an output that exists)."""
 
 
+def _finite_number(value) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_positive(name: str, value) -> None:
     """A ConfigError naming ``name`` unless ``value`` is a finite number above zero (a learning rate, say)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value > 0):
+    if not (_finite_number(value) and value > 0):
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
 
 
 def check_probability(name: str, value) -> None:
     """A ConfigError naming ``name`` unless ``value`` is a number strictly between 0 and 1 (a threshold, say)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and 0 < value < 1):
+    if not (_finite_number(value) and 0 < value < 1):
         raise ConfigError(f"{name} must be a probability between 0 and 1 (exclusive), got {value!r}")
 
 
 def check_weight(name: str, value) -> None:
     """A ConfigError naming ``name`` unless ``value`` is a finite number of at least zero (a loss term's weight:
     zero turns the term off, a negative one would maximise it)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value >= 0):
+    if not (_finite_number(value) and value >= 0):
         raise ConfigError(f"{name} must be a number of at least 0, got {value!r}")
 
 

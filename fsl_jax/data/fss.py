@@ -13,7 +13,8 @@ upright by their EXIF orientation, as a viewer (and an annotation tool) shows th
 masks are then brought to ``image_size`` square (bilinear and nearest, so masks stay binary) as
 ``resize`` says: ``"stretch"`` scales each side on its own (FSS-1000's own images are square, so
 nothing is distorted); ``"pad"`` keeps the aspect ratio, scaling the longer side to
-``image_size`` and centring the picture on black, the padding marked background. Either is an explicit setting, never a silent fix of mismatched files.
+``image_size`` and centring the picture on black, the padding marked background. Either is an
+explicit setting, never a silent fix of mismatched files.
 """
 from __future__ import annotations
 

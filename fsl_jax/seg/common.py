@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,12 @@ def logit(probability: float) -> float:
     return math.log(probability / (1 - probability))
 
 
-def check_segmenter(threshold: float, temperature: float | None = None, **weights: float) -> None:
-    """A segmenter's options, each named when it is wrong: the metrics' ``threshold`` a probability, the loss
-    terms' ``weights`` (by name) at least 0, and the contrastive term's ``temperature``, where it has one,
-    positive, whether or not that term is on."""
-    logit(threshold)
+def check_segmenter(threshold: float, **weights: float) -> None:
+    """A segmenter's options, each named when it is wrong: the metrics' ``threshold`` a probability and
+    the loss terms' ``weights`` (by name) at least 0."""
+    check_probability("threshold", threshold)
     for name, weight in weights.items():
         check_weight(name, weight)
-    if temperature is not None:
-        check_positive("temperature", temperature)
 
 
 def resize(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -77,7 +75,7 @@ def cosine(features: jax.Array, prototype: jax.Array, eps: float = 1e-6) -> jax.
     return (features @ prototype) / (norm(features) * norm(prototype))
 
 
-def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature: float):
+def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature: float) -> Callable | None:
     """A batch loss that couples the tasks: the mean task loss plus ``weight`` x InfoNCE (van den Oord et
     al. 2018) across the batch, where each task's support code must be closer (cosine / ``temperature``)
     to its own query target's code than to the targets of the tasks of other classes, as in a
@@ -87,8 +85,12 @@ def contrastive_batch_loss(task_terms, task_map: str, weight: float, temperature
     Pixel-wise losses teach a segmenter to segment every object long before they teach it to tell the
     support's object from the others; this term gives its features that signal directly.
     task_terms(params, task, rng) -> (loss, metrics, support code [D], query target code [D]).
+    None where ``weight`` is 0: no term, so the learner's loss is its mean task loss. ``temperature`` is
+    checked either way, so that a config is right or wrong whatever its weight.
     """
     check_positive("temperature", temperature)
+    if not weight:
+        return None
 
     def batch_loss(params, batch, rng):
         losses, task_metrics, codes, targets = map_tasks(task_terms, task_map)(params, batch, rng)

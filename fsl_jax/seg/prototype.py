@@ -47,8 +47,7 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
         probability exceeds this (configs: ``eval.threshold``, so training and held-out scores agree).
     """
     check_positive("scale", scale)
-    check_segmenter(threshold, temperature, align_weight=align_weight, dice_weight=dice_weight,
-                    contrast_weight=contrast_weight)
+    check_segmenter(threshold, align_weight=align_weight, dice_weight=dice_weight, contrast_weight=contrast_weight)
 
     def embed(params, task):
         """Support and query features; one pass (one set of BatchNorm statistics) when sizes agree."""
@@ -88,4 +87,4 @@ def prototype_segmenter(backbone: nn.Module, scale: float = 20.0, align_weight: 
     return Learner(init=init,
                    task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,
                    task_map=task_map,
-                   batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature) if contrast_weight else None)
+                   batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature))

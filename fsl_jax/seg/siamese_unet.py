@@ -58,7 +58,7 @@ def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bil
     threshold: a pixel counts as foreground in the training metrics (iou, accuracy) where its
         probability exceeds this (configs: ``eval.threshold``, so training and held-out scores agree).
     """
-    check_segmenter(threshold, temperature, dice_weight=dice_weight, contrast_weight=contrast_weight)
+    check_segmenter(threshold, dice_weight=dice_weight, contrast_weight=contrast_weight)
     net = SiameseUNet(tuple(widths), upsample)
 
     def predict(params, task, rng):
@@ -73,4 +73,4 @@ def siamese_unet(widths: Sequence[int] = (16, 32, 64, 128), upsample: str = "bil
     return Learner(init=lambda rng, task: init_params(net, rng, task.support_x, task.support_mask, task.query_x),
                    task_loss=lambda params, task, rng: task_terms(params, task, rng)[:2], task_predict=predict,
                    task_map=task_map,
-                   batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature) if contrast_weight else None)
+                   batch_loss=contrastive_batch_loss(task_terms, task_map, contrast_weight, temperature))
