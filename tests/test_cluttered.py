@@ -148,3 +148,16 @@ def test_balanced_sampler_gives_every_level_in_turn(held_out):
     sampler = ClutteredOmniglot(held_out, distractors=(4, 8, 16), tasks=2, balanced=True)
     levels = np.concatenate([sampler.sample(i).distractors for i in range(3)])
     np.testing.assert_array_equal(levels, [4, 8, 16, 4, 8, 16])
+
+
+@pytest.mark.parametrize("sampler", [ClutteredOmniglot, OmniglotSceneEpisodes])
+def test_small_characters_are_redrawn_until_visible(held_out, sampler):
+    # At char_size 8 about 2% of scenes and exemplars render no pixel above the ink threshold.
+    episode = sampler(held_out, tasks=64, char_size=8, distractors=(3,)).sample(0)
+    assert (episode.support_mask.reshape(64, -1).max(-1) > 0).all()
+    assert (episode.query_mask.reshape(64, -1).max(-1) > 0).all()
+
+
+def test_characters_too_small_to_see_are_an_error(held_out):
+    with pytest.raises(DataError, match="mask came out empty in 21 draws: at char_size=4 .* raise data.char_size"):
+        ClutteredOmniglot(held_out, tasks=16, char_size=4).sample(0)
