@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     root = "data root (else $FSL_JAX_DATA, else ../shared/data)"
-    run_root = f"{root}; for data.name fss, the folder of class folders itself (a root holds it as fss1000/)"
+    run_root = (f"{root}; for data.name fss, the folder of class folders itself (a root holds it as fss1000/); "
+                "for data.source tfds, tensorflow-datasets' data folder (else tfds's default)")
     data_dir = {train: run_root, ev: run_root, benches[0]: run_root, export: run_root,  # benches[0]: bench train
                 download: "required: the zips go to DATA_DIR/omniglot"}
     for command in (train, ev, *benches, download, lake, cluttered, export):

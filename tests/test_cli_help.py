@@ -8,7 +8,8 @@ import pytest
 
 from fsl_jax.cli import main
 
-FSS_DATA_DIR = "for data.name fss, the folder of class folders itself (a root holds it as fss1000/)"
+FSS_DATA_DIR = ("for data.name fss, the folder of class folders itself (a root holds it as fss1000/); "
+                "for data.source tfds, tensorflow-datasets' data folder (else tfds's default)")
 
 
 @pytest.mark.parametrize("command, expected", [
