@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import chosen_configs, machine, train_run
+from common import chosen_configs, train_run
 from fsl_jax.config import load_config
 from fsl_jax.data.lake_runs import read_runs, write_runs
 from fsl_jax.data.omniglot import load_omniglot, split
@@ -43,17 +43,21 @@ def run_config(path: Path, episodes: int, lake_runs) -> dict:
     return result
 
 
-def markdown(results: dict, header: str) -> str:
+def markdown(results: dict) -> str:
+    """The table of ``results``, each row with the machine it was trained and evaluated on: rows of earlier
+    runs are kept, so they need not share one."""
     cell = lambda e: f"{100 * e['accuracy']:.1f} ± {100 * e['ci95']:.1f}" if e else "–"
-    lines = [header, "",
-             "| config | trained on | steps | minutes | train episodes/s | sampler episodes/s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | Lake-style 20-way runs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    episodes = sorted({e["episodes"] for r in results.values() for e in r["eval"].values()})
+    lines = [f"Omniglot, held-out alphabets {', '.join(load_config(None)['data']['test_alphabets'])}; accuracy % "
+             f"± 95% CI over {' or '.join(map(str, episodes))} episodes (5 queries per class).", "",
+             "| config | trained on | steps | minutes | device | train episodes/s | sampler episodes/s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | Lake-style 20-way runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results.items()):
         ep = r["train_episode"]
         lake = r.get("lake_20way_within_alphabet")
         lines.append(
             f"| `{r['config']}` | {ep['ways']}-way {ep['shots']}-shot, {ep['queries']} queries/class | {r['steps']} | {r['train_minutes']} | "
-            f"{r['train_episodes_per_s']} | {r['sampler_episodes_per_s']:.0f} | "
+            f"{r['machine']} | {r['train_episodes_per_s']} | {r['sampler_episodes_per_s']:.0f} | "
             + " | ".join(cell(r["eval"].get(k)) for k in ("5way_1shot", "5way_5shot", "20way_1shot"))
             + (f" | {100 * lake['accuracy']:.1f} ({lake['runs']} runs) |" if lake else " | – |"))
     return "\n".join(lines) + "\n"
@@ -72,9 +76,7 @@ def main():
     for path in paths:
         results[path.stem] = run_config(path, args.episodes, lake_runs)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    header = (f"Omniglot, held-out alphabets {', '.join(load_config(None)['data']['test_alphabets'])}; "
-              f"accuracy % ± 95% CI over {args.episodes} episodes (5 queries per class). Machine: {machine()}.")
-    (HERE / "results" / "omniglot.md").write_text(markdown(results, header))
+    (HERE / "results" / "omniglot.md").write_text(markdown(results))
     print((HERE / "results" / "omniglot.md").read_text())
 
 
