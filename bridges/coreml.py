@@ -12,7 +12,6 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars
 
 import numpy as np

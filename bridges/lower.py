@@ -24,10 +24,7 @@ primitive and where in the model it comes from (module path and source line).
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Sequence
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax
 import jax.numpy as jnp

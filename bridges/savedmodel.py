@@ -7,10 +7,7 @@ model's input and output names.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import tensorflow as tf
