@@ -6,13 +6,16 @@ a training record's ``elapsed_s`` is the run's training time so far, over all it
 and ``curves.png`` (each rewritten beside and moved into place, never truncated), and
 ``.lock``, which one training process at a time holds. Episodes and step keys depend only on
 ``(seed, step)``, so a run killed and resumed reaches exactly the metrics of an uninterrupted
-one. What differs between classification and segmentation (samplers, evaluation, the held-out
-score) comes from the config's task (:mod:`fsl_jax.tasks`).
+one. Each checkpoint records the SHA-256 of its state and the config keys that trained it, so a
+restore finds values altered since (finite or not) and a checkpoint copied in from another run.
+What differs between classification and segmentation (samplers, evaluation, the held-out score)
+comes from the config's task (:mod:`fsl_jax.tasks`).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -27,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from fsl_jax.config import check, dump_config, run_config
+from fsl_jax.config import check, complete, dump_config, run_config
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
@@ -159,16 +162,37 @@ def check_schedule(config: dict) -> None:
                           "run logs the same windows as an uninterrupted one")
 
 
-def _config_differences(saved: dict, config: dict, path: str = "") -> list[str]:
-    """``"key: <in the run> in the run, <now> now"`` for each dotted key where two full configs differ."""
+def _config_differences(saved: dict, config: dict, path: str = "", source: str = "the run") -> list[str]:
+    """``"key: <saved> in <source>, <now> now"`` for each dotted key where two full configs differ."""
     out = []
     for key in sorted(saved.keys() | config.keys()):
         a, b = saved.get(key), config.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{path}{key}.")
+            out += _config_differences(a, b, f"{path}{key}.", source)
         elif a != b:
-            out.append(f"{path}{key}: {a!r} in the run, {b!r} now")
+            out.append(f"{path}{key}: {a!r} in {source}, {b!r} now")
     return out
+
+
+def _trained_by(config: dict) -> dict:
+    """The keys of a config that determine the state it trains, which each checkpoint records. Not where the
+    run and its data lie (out, data.dir), its name, its evaluation, nor how often it logs and checkpoints or
+    how many steps one XLA call runs (float rounding at most): a moved run resumes, and eval and export,
+    which build their config from the run's, restore it whatever their flags."""
+    return {**{key: config[key] for key in ("method", "method_options", "backbone", "backbone_options", "episode",
+                                            "optim")},
+            "data": {key: value for key, value in config["data"].items() if key != "dir"},
+            "train": {key: config["train"][key] for key in ("seed", "steps")}}
+
+
+def _digest(state) -> str:
+    """The SHA-256 of a state's leaves in tree order, each its dtype, shape and bytes, read on the host."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        array = np.asarray(leaf)
+        digest.update(f"{array.dtype.name}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _checkpoint_manager(run_dir: Path, config: dict) -> ocp.CheckpointManager:
@@ -191,7 +215,7 @@ def restore_params(run_dir: Path, experiment: Experiment, step: int | None = Non
         if step is None:
             raise missing
         abstract = jax.eval_shape(initial_state)  # the structure only: no initialisation is run
-        params = _restore(manager, step, abstract, run_dir)["params"]
+        params = _restore(manager, step, abstract, run_dir, experiment.config)["params"]
     return params, step
 
 
@@ -208,11 +232,14 @@ def _fallback(manager: ocp.CheckpointManager, step: int, run_dir: Path) -> str:
             else f"no older checkpoint is kept (delete {path} to start the run afresh)")
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path):
+def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path, config: dict):
     """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ,
-    or what is damaged and what to delete to fall back to the checkpoint before it."""
+    the config keys another run's checkpoint was trained with, or what is damaged and what to delete to
+    fall back to the checkpoint before it. A checkpoint written without a record (before they were
+    kept) is checked for values that are not finite only."""
     try:
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        recorded = manager.metadata(step).custom_metadata
     except Exception as error:  # orbax raises TensorStore's read errors wrapped in a bare Exception
         paths = lambda tree: {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
         try:
@@ -227,11 +254,21 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path)
         raise ConfigError(f"the checkpoint of step {step} in {run_dir} does not fit the model this config builds; "
                           f"parameters only in the checkpoint: {', '.join(sorted(saved - expected)) or 'none'}; "
                           f"only in the model: {', '.join(sorted(expected - saved)) or 'none'}") from error
+    if "trained_by" in recorded:  # completed as config.yaml is: keys added to the defaults since take theirs
+        differences = _config_differences(_trained_by(complete(recorded["trained_by"])), _trained_by(config),
+                                          source="the checkpoint")
+        if differences:
+            raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} was written by another "
+                            f"run's config ({'; '.join(differences)}): move {run_dir / 'checkpoints' / str(step)} "
+                            "out of this run, or choose another `out`")
     broken = _non_finite(state)
     if broken:  # a checkpoint is written only when finite: its bytes were damaged since
         raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} is damaged: it holds values that "
                         f"are not finite (in {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}); "
                         f"{_fallback(manager, step, run_dir)}")
+    if "state_sha256" in recorded and _digest(state) != recorded["state_sha256"]:
+        raise DataError(f"the checkpoint of step {step} in {run_dir / 'checkpoints'} is damaged: its values are not "
+                        f"those written (their SHA-256 is not the one recorded); {_fallback(manager, step, run_dir)}")
     return state
 
 
@@ -245,12 +282,13 @@ def _wait(manager: ocp.CheckpointManager, run_dir: Path) -> None:
         raise _unwritten(step, run_dir, error) from error
 
 
-def _save(manager: ocp.CheckpointManager, step: int, state, run_dir: Path) -> None:
+def _save(manager: ocp.CheckpointManager, step: int, state, run_dir: Path, config: dict) -> None:
     """Start writing the checkpoint of ``step`` once the one before it is written, so that a failed
-    write is reported with its own step."""
+    write is reported with its own step; it records the state's digest and the config keys that trained it."""
     _wait(manager, run_dir)
     try:
-        manager.save(step, args=ocp.args.StandardSave(state))
+        manager.save(step, args=ocp.args.StandardSave(state),
+                     custom_metadata={"state_sha256": _digest(state), "trained_by": _trained_by(config)})
     except Exception as error:
         raise _unwritten(step, run_dir, error) from error
 
@@ -364,7 +402,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         write_replacing(saved, lambda partial: partial.write_text(dump_config(config)))
         if start:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-            restored = _restore(manager, start, abstract, run_dir)
+            restored = _restore(manager, start, abstract, run_dir, config)
             params, opt_state = restored["params"], restored["opt_state"]
         # Records after the checkpoint were written by a run that died later; they will be rewritten.
         metrics_path = run_dir / "metrics.jsonl"
@@ -414,7 +452,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                         step = first + i
                         good_params, good_opt_state = before if i == 0 else (params, opt_state)
                         if step - 1 > (manager.latest_step() or 0) and not _non_finite(good_params):
-                            _save(manager, step - 1, {"params": good_params, "opt_state": good_opt_state}, run_dir)
+                            _save(manager, step - 1, {"params": good_params, "opt_state": good_opt_state}, run_dir, config)
                         _wait(manager, run_dir)
                         raise TrainingDiverged(step, loss, manager.latest_step())
                     window["loss"].append(loss)
@@ -435,7 +473,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                     if _non_finite(params):  # a finite loss, then an update that broke the parameters
                         _wait(manager, run_dir)
                         raise TrainingDiverged(last, None, manager.latest_step())
-                    _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir)
+                    _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir, config)
                 first = last + 1
         except TrainingDiverged:
             plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence

@@ -77,6 +77,84 @@ def test_a_damaged_checkpoint_is_named(tmp_path, capsys):
     assert restore_params(train(config, progress=False), experiment)[1] == 6
 
 
+def _state(run, step, experiment):
+    """The state a run's checkpoint of ``step`` holds, read with orbax alone."""
+    import orbax.checkpoint as ocp
+
+    params = experiment.init_params()
+    like = {"params": params, "opt_state": experiment.optimiser.init(params)}
+    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:
+        return manager.restore(step, args=ocp.args.StandardRestore(like))
+
+
+def test_a_finitely_altered_checkpoint_is_named(tmp_path, capsys):
+    """A checkpoint whose array files now hold other values, all finite (one bit of one weight flipped:
+    0.01 becomes about 3e36), is found by its recorded digest on resume and on eval's restore, with
+    what to delete to fall back to the checkpoint before it."""
+    import orbax.checkpoint as ocp
+
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False)  # checkpoints of steps 3 and 6
+    experiment = Experiment(config)
+    state = _state(run, 6, experiment)
+    kernel = np.array(state["params"]["conv0"]["kernel"])
+    flat = kernel.reshape(-1).view(np.uint32)
+    flat[np.flatnonzero(np.abs(kernel.reshape(-1)) < 1)[0]] ^= 1 << 30  # the exponent's top bit
+    assert np.isfinite(kernel).all() and np.abs(kernel).max() > 1e30
+    state["params"]["conv0"]["kernel"] = kernel
+    with ocp.CheckpointManager((tmp_path / "altered").resolve()) as manager:
+        manager.save(6, args=ocp.args.StandardSave(state))
+    sixth = run / "checkpoints" / "6"
+    shutil.rmtree(sixth / "default")  # the arrays replaced; the step's record (digest, config) kept
+    shutil.copytree(tmp_path / "altered" / "6" / "default", sixth / "default")
+    damaged = (rf"checkpoint of step 6 in .*checkpoints is damaged: its values are not those written .*"
+               rf"delete {re.escape(str(sixth))} to fall back to the checkpoint of step 3")
+    with pytest.raises(DataError, match=damaged):
+        train(config, progress=False)
+    with pytest.raises(DataError, match=damaged):
+        restore_params(run, experiment)
+    assert main(["eval", "--run", str(run), "--episodes", "2", "--no-progress"]) == 1
+    assert "checkpoint of step 6" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path, capsys):
+    """A checkpoint copied in from a run of the same model but another seed is refused on resume and by
+    eval, naming the key that differs; moved out, the run resumes from its own."""
+    other = train(tiny_config(tmp_path, "train.seed=1", name="other"), progress=False)
+    config = tiny_config(tmp_path)
+    run = train(config, progress=False, stop_after=3)  # its own checkpoint of step 3
+    shutil.copytree(other / "checkpoints" / "6", run / "checkpoints" / "6")
+    foreign = (rf"checkpoint of step 6 in .*checkpoints was written by another run's config \(train.seed: 1 in the "
+               rf"checkpoint, 0 now\): move {re.escape(str(run / 'checkpoints' / '6'))} out of this run")
+    with pytest.raises(DataError, match=foreign):
+        train(config, progress=False)
+    assert main(["eval", "--run", str(run), "--episodes", "2", "--no-progress"]) == 1
+    assert re.search(foreign, capsys.readouterr().err)
+    shutil.rmtree(run / "checkpoints" / "6")
+    assert restore_params(train(config, progress=False), Experiment(config))[1] == 6
+
+
+def test_a_checkpoint_without_its_record_still_restores(tmp_path):
+    """Checkpoints written before they recorded their digest and config (orbax's plain save) resume and
+    evaluate as before, unverified."""
+    import orbax.checkpoint as ocp
+
+    config = tiny_config(tmp_path)
+    experiment = Experiment(config)
+    run = train(config, progress=False, stop_after=3)
+    state = _state(run, 3, experiment)
+    shutil.rmtree(run / "checkpoints" / "3")
+    with ocp.CheckpointManager((run / "checkpoints").resolve()) as manager:
+        manager.save(3, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        assert manager.metadata(3).custom_metadata == {}
+    train(config, progress=False)
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    params, step = restore_params(run, experiment, step=3)
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, params, state["params"])
+
+
 def test_only_export_needs_the_export_extra(tmp_path, monkeypatch, capsys):
     """Without tensorflow and coremltools (the `export` extra) the CLI still builds and its other
     commands run; export says what to install."""
@@ -303,11 +381,16 @@ def test_ctrl_c_says_where_the_run_resumes(tmp_path, monkeypatch, capsys):
 
 
 def test_a_moved_run_resumes(tmp_path):
-    """Where a run and its data lie (out, data.dir) is not what the run is: moved, it resumes."""
+    """Where a run and its data lie (out, data.dir) is not what the run is: moved, it resumes, its
+    checkpoint's record of the config that trained it still agreeing."""
     from fsl_jax.data.omniglot import data_root
+
+    import orbax.checkpoint as ocp
 
     train(tiny_config(tmp_path, name="before"), progress=False, stop_after=3)
     shutil.move(tmp_path / "before", tmp_path / "after")
+    with ocp.CheckpointManager((tmp_path / "after" / "checkpoints").resolve()) as manager:
+        assert {"state_sha256", "trained_by"} <= manager.metadata(3).custom_metadata.keys()  # checked on resume
     run = train(tiny_config(tmp_path, f"data.dir={data_root(None)}", name="after"), progress=False)
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
