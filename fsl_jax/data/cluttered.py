@@ -184,7 +184,8 @@ class _SceneMaker:
         self.tasks, self.seed, self.scene_size = tasks, seed, scene_size
 
     def scenes(self, rng, targets, target_drawers, levels):
-        """One scene per target: ``levels[i]`` distractors (other characters) under target ``i``.
+        """One scene per target: ``levels[i]`` distractors (other characters) under target ``i``, drawn
+        again where the target left no pixel (:meth:`visible`).
 
         Returns images [n, S, S, 3] and the targets' masks [n, S, S] float32.
         """
