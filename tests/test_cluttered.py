@@ -150,14 +150,22 @@ def test_balanced_sampler_gives_every_level_in_turn(held_out):
     np.testing.assert_array_equal(levels, [4, 8, 16, 4, 8, 16])
 
 
-@pytest.mark.parametrize("sampler", [ClutteredOmniglot, OmniglotSceneEpisodes])
-def test_small_characters_are_redrawn_until_visible(held_out, sampler):
-    # At char_size 8 about 2% of scenes and exemplars render no pixel above the ink threshold.
-    episode = sampler(held_out, tasks=64, char_size=8, distractors=(3,)).sample(0)
-    assert (episode.support_mask.reshape(64, -1).max(-1) > 0).all()
-    assert (episode.query_mask.reshape(64, -1).max(-1) > 0).all()
+@pytest.mark.parametrize("sampler, char_size", [(ClutteredOmniglot, 10), (OmniglotSceneEpisodes, 8)])
+def test_small_characters_are_redrawn_until_visible(held_out, sampler, char_size):
+    # About 2% of scenes at char_size 8, and 1% of exemplars at 10, render no pixel above the ink threshold.
+    episode = sampler(held_out, tasks=256, char_size=char_size, distractors=(3,)).sample(0)
+    assert (episode.support_mask.reshape(256, -1).max(-1) > 0).all()
+    assert (episode.query_mask.reshape(256, -1).max(-1) > 0).all()
 
 
-def test_characters_too_small_to_see_are_an_error(held_out):
-    with pytest.raises(DataError, match="mask came out empty in 21 draws: at char_size=4 .* raise data.char_size"):
-        ClutteredOmniglot(held_out, tasks=16, char_size=4).sample(0)
+def test_exemplars_too_small_to_see_are_refused_up_front(held_out):
+    with pytest.raises(DataError, match=r"at char_size=8, 2 exemplars \(character .* drawer \d+, ...\) have no "
+                                        r"pixel above the ink threshold .* raise data.char_size"):
+        ClutteredOmniglot(held_out, char_size=8, drawers=range(1, 21))
+
+
+def test_a_scene_that_never_shows_its_target_is_an_error(held_out):
+    sampler = OmniglotSceneEpisodes(held_out, char_size=8)
+    blank = lambda index: (np.zeros((len(index), 4, 4, 3)), np.zeros((len(index), 4, 4)))
+    with pytest.raises(DataError, match="a scene's mask came out empty in 21 draws: at char_size=8 .* raise data.char_size"):
+        sampler.visible(blank, 3, "scene")

@@ -22,7 +22,9 @@ characters cover, not D full scenes), and "last pasted wins" is a ``maximum.at``
 order. Batch ``index`` depends only on ``(seed, index)``, like the classification sampler.
 A scene or exemplar whose mask comes out empty (a character drawn too small to leave a pixel
 above :data:`INK`: never seen at the default sizes, 2% of scenes at ``char_size`` 8) is drawn
-again, so that no task asks for a character that is not there.
+again, so that no task asks for a character that is not there; a sampler of exemplars that some
+character could never fill (every pixel of its ``char_size`` copy below the threshold) is refused
+when it is made.
 """
 from __future__ import annotations
 
@@ -245,6 +247,16 @@ class ClutteredOmniglot(_SceneMaker):
                             "be able to hold the exemplar's character")
         super().__init__(chars, distractors, tasks, seed, drawers, scene_size, char_size)
         self.exemplar_size, self.balanced = exemplar_size, balanced
+        # An exemplar is drawn unscaled from the char_size copy, and bilinear samples never exceed their
+        # pixels: a copy with no pixel above INK can never be seen, however it is rotated or sheared.
+        side = char_size + 3
+        copies = self.glyphs.atlas[self.glyphs.offsets[1]:].reshape(chars.num_classes, -1, side, side)
+        faint = np.argwhere(copies[:, self.drawers].max((-2, -1)) <= INK * 255)
+        if len(faint):
+            c, d = faint[0]
+            raise DataError(f"at char_size={char_size}, {len(faint)} exemplars (character "
+                            f"{chars.alphabets[c]}/{chars.characters[c]} drawer {self.drawers[d] + 1}, ...) have no "
+                            f"pixel above the ink threshold and could never be seen: raise data.char_size")
 
     def sample(self, index: int) -> SegEpisode:
         """Batch number ``index`` (deterministic in ``(seed, index)``)."""
