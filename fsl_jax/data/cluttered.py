@@ -58,7 +58,8 @@ class Glyphs:
 
     Two area-resampled copies (2*char_size and char_size pixels square, uint8) so that no
     character is ever sampled more than 2x below the resolution of its copy along its larger
-    axis, and each image's stroke bounding box (fractions of the image side).
+    axis, each copy's brightest pixel (``peaks``: no sample of a copy is brighter), and each image's
+    stroke bounding box (fractions of the image side).
     """
 
     def __init__(self, chars: CharacterSet, char_size: int):
@@ -70,6 +71,7 @@ class Glyphs:
                   for s in self.sizes]  # zero border: see _bilinear
         self.atlas = np.concatenate([level.ravel() for level in levels])
         self.offsets = np.cumsum([0, levels[0].size])[:2]
+        self.peaks = np.stack([level.max((-2, -1)) for level in levels])  # [copy, class, drawer]: brightest pixel
         ink = chars.images > 0.5
         rows, cols = ink.any(-1), ink.any(-2)
         side = chars.images.shape[-1]
@@ -249,9 +251,7 @@ class ClutteredOmniglot(_SceneMaker):
         self.exemplar_size, self.balanced = exemplar_size, balanced
         # An exemplar is drawn unscaled from the char_size copy, and bilinear samples never exceed their
         # pixels: a copy with no pixel above INK can never be seen, however it is rotated or sheared.
-        side = char_size + 3
-        copies = self.glyphs.atlas[self.glyphs.offsets[1]:].reshape(chars.num_classes, -1, side, side)
-        faint = np.argwhere(copies[:, self.drawers].max((-2, -1)) <= INK * 255)
+        faint = np.argwhere(self.glyphs.peaks[1][:, self.drawers] <= INK * 255)
         if len(faint):
             c, d = faint[0]
             raise DataError(f"at char_size={char_size}, {len(faint)} exemplars (character "
