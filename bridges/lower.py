@@ -14,8 +14,8 @@ Three things keep the graph small and close to what a person would write by hand
 * ``jax.image.resize`` (a ``jit`` named ``_resize``) becomes ``tf.image.resize`` when a
   probe input shows that the two agree (upsampling with "linear" or "nearest");
 * layers written for fast CPU gradients (``fsl_jax.nets.layers``) become the ops they
-  compute: an im2col convolution (shifted slices, concatenated, times a kernel) a Conv2D,
-  and a max over the window axes of a reshape a MaxPool (Core ML allows rank 5 at most).
+  compute: an im2col convolution (the ``jit`` named ``_im2col_conv``) a Conv2D, and a max
+  over the window axes of a reshape a MaxPool (Core ML allows rank 5 at most).
 
 The lowered graph has fixed input shapes (Core ML models are built for a given batch).
 A primitive outside the table raises :class:`UnsupportedPrimitive`, which names the
@@ -239,6 +239,8 @@ class _Lowering:
         params = eqn.params
         closed = next(params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in params)
         jaxpr, consts = (closed.jaxpr, closed.consts) if isinstance(closed, core.ClosedJaxpr) else (closed, ())
+        if params.get("name") == "_im2col_conv" and len(eqn.invars[1].aval.shape) == 4:
+            return [_same_conv(invals[0], invals[1], eqn.outvars[0].aval.shape)]
         if params.get("name") == "_resize":
             resized = self._resize(jaxpr, consts, invals[0], eqn.outvars[0].aval.shape)
             if resized is not None:
@@ -267,6 +269,14 @@ class _Lowering:
                 return None
         resized = tf.image.resize(_reshape(x, batch + list(shape[-3:])), size, method=method)
         return _reshape(resized, out_shape)
+
+
+def _same_conv(x, kernel, out_shape):
+    """The Conv2D (SAME, stride 1) that ``fsl_jax.nets.layers._im2col_conv`` computes as matrix
+    products; axes before H are merged into the batch (a ``vmap`` adds one)."""
+    *lead, height, width, channels = (int(d) for d in x.shape)
+    y = tf.nn.conv2d(_reshape(x, [int(np.prod(lead)), height, width, channels]), kernel, 1, "SAME")
+    return _reshape(y, out_shape)
 
 
 # --- rules for structural ops: (lowering, eqn, input values, where, **params) -> output(s) ---
@@ -374,65 +384,9 @@ def _arg(op):
     return rule
 
 
-def _im2col_source(lowering, eqn, dimension_numbers):
-    """If ``eqn`` is the matrix product of an im2col convolution (``concatenate`` along channels
-    of the kh x kw shifted slices of one [..., H, W, C] tensor, times a [kh*kw*C, out] kernel),
-    return (that tensor, kh, kw, "VALID"), or (the tensor before its SAME zero padding, kh, kw,
-    "SAME"); else None. Any axes before H are batch axes (a ``vmap`` adds one)."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    lhs, rhs = eqn.invars
-    rank = len(lhs.aval.shape)
-    columns = lowering.producers.get(lhs)
-    if (lb or rb or tuple(rc) != (0,) or rank < 4 or tuple(lc) != (rank - 1,) or columns is None
-            or columns.primitive.name != "concatenate" or columns.params["dimension"] != rank - 1):
-        return None
-    slices = [lowering.producers.get(v) if not isinstance(v, core.Literal) else None for v in columns.invars]
-    if any(s is None or s.primitive.name != "slice" or s.params["strides"] not in (None, (1,) * rank) for s in slices):
-        return None
-    source = slices[0].invars[0]
-    *lead, h, w, c = (int(d) for d in columns.invars[0].aval.shape)
-    offsets = [tuple(s.params["start_indices"]) for s in slices]
-    kh, kw = offsets[-1][-3] + 1, offsets[-1][-2] + 1
-    expected = [(*[0] * len(lead), i, j, 0) for i in range(kh) for j in range(kw)]
-    if (offsets != expected or any(s.invars[0] is not source for s in slices)
-            or tuple(source.aval.shape) != (*lead, h + kh - 1, w + kw - 1, c) or tuple(rhs.aval.shape)[0] != kh * kw * c
-            or any(tuple(v.aval.shape) != (*lead, h, w, c) for v in columns.invars)):
-        return None
-    return _unpadded(lowering, source, kh, kw) or (_broadcast(lowering.values[source], source.aval.shape), kh, kw, "VALID")
-
-
-def _unpadded(lowering, var, kh: int, kw: int):
-    """(the input, kh, kw, "SAME") if ``var`` is that input zero-padded by SAME's (kh//2, kw//2), else None."""
-    pad = lowering.producers.get(var)
-    if pad is not None and pad.primitive.name in _CALLS:  # jnp.pad is a jit named _pad around lax.pad
-        inner = pad.params.get("jaxpr")
-        inner_pads = [e for e in inner.jaxpr.eqns if e.primitive.name == "pad"] if inner is not None else []
-        if len(inner_pads) != 1 or len(inner.jaxpr.eqns) > 2 or inner_pads[0].invars[0] is not inner.jaxpr.invars[0]:
-            return None
-        config, fill = inner_pads[0].params["padding_config"], pad.invars[1] if len(pad.invars) > 1 else None
-    elif pad is not None and pad.primitive.name == "pad":
-        config, fill = pad.params["padding_config"], pad.invars[1]
-    else:
-        return None
-    zero = isinstance(fill, core.Literal) and fill.val == 0
-    same = [(0, 0, 0)] * (len(config) - 3) + [(kh // 2, kh // 2, 0), (kw // 2, kw // 2, 0), (0, 0, 0)]
-    if not zero or [tuple(int(v) for v in c) for c in config] != same or isinstance(pad.invars[0], core.Literal):
-        return None
-    source = pad.invars[0]
-    return _broadcast(lowering.values[source], source.aval.shape), kh, kw, "SAME"
-
-
 def _dot_general(lowering, eqn, invals, where, dimension_numbers, **__):
-    """Any dot_general as (batched) MatMul between transposes and reshapes; the product of an
-    im2col convolution (see :func:`_im2col_source`) as the Conv2D it computes."""
+    """Any dot_general as (batched) MatMul between transposes and reshapes."""
     lhs, rhs = invals
-    im2col = _im2col_source(lowering, eqn, dimension_numbers)
-    if im2col is not None and len(rhs.shape) == 2:
-        source, kh, kw, padding = im2col
-        *lead, height, width, channels = (int(d) for d in source.shape)
-        kernel = _reshape(rhs, [kh, kw, channels, int(rhs.shape[1])])
-        y = tf.nn.conv2d(_reshape(source, [int(np.prod(lead)), height, width, channels]), kernel, 1, padding)
-        return _reshape(y, eqn.outvars[0].aval.shape)
     (lc, rc), (lb, rb) = dimension_numbers
     lf = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
     rf = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]

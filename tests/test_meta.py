@@ -199,13 +199,19 @@ def test_batch_stats_choice_decides_whether_queries_interact(batch_stats, indepe
 
 
 def test_conv_and_max_pool_match_flax_layers():
-    """Conv (im2col on CPU) and the reshape max-pool keep nn.Conv / nn.max_pool's params and values."""
+    """Conv (im2col on CPU) and the reshape max-pool keep nn.Conv / nn.max_pool's params, values
+    and gradients, by either product: full im2col (few input channels: 3 in, 20 out) and the
+    kernel's rows apart (3 in, 5 out; a 5x3 kernel to tell its rows from its columns)."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 9, 3))
-    for size, bias in (((3, 3), True), ((1, 1), False)):
-        ours, theirs = Conv(5, size, use_bias=bias), nn.Conv(5, size, padding="SAME", use_bias=bias)
+    for features, size, bias in ((5, (3, 3), True), (20, (3, 3), False), (5, (5, 3), False), (5, (1, 1), False)):
+        ours, theirs = Conv(features, size, use_bias=bias), nn.Conv(features, size, padding="SAME", use_bias=bias)
         params = theirs.init(jax.random.PRNGKey(0), x)
         assert jax.tree.all(jax.tree.map(jnp.array_equal, ours.init(jax.random.PRNGKey(0), x), params))
-        np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
+        (y, pullback), (expected, reference_pullback) = (jax.vjp(m.apply, params, x) for m in (ours, theirs))
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        cotangent = jax.random.normal(jax.random.PRNGKey(3), y.shape)
+        for got, want in zip(jax.tree.leaves(pullback(cotangent)), jax.tree.leaves(reference_pullback(cotangent))):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
     np.testing.assert_array_equal(max_pool(x), reference(x))
     cotangent = jax.random.normal(jax.random.PRNGKey(2), reference(x).shape)

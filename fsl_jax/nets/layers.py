@@ -45,8 +45,8 @@ class Conv(nn.Module):
     """Stride-1 ``SAME`` convolution, a drop-in for ``nn.Conv`` (same ``kernel`` [kh, kw, in, out]
     and ``bias`` parameters, same initialisers, so the same values from the same key).
 
-    On CPU it runs as one matrix product over the kh*kw shifted copies of the input
-    (im2col): XLA's CPU convolutions, and above all their gradients, the gradients of those,
+    On CPU it runs as one matrix product over shifted copies of the input (im2col,
+    :func:`_im2col_conv`): XLA's CPU convolutions, and above all their gradients, the gradients of those,
     and their ``vmap`` over per-task kernels (which becomes a grouped convolution), are several
     times slower than its matrix products. That is what makes second-order MAML fast on CPU;
     the results agree with ``nn.Conv`` to float rounding. Other backends use
@@ -87,16 +87,34 @@ def conv(features: int, kernel: int, im2col: bool, name: str, use_bias: bool = T
     return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, name=name)
 
 
+@jax.jit
 def _im2col_conv(x, kernel):
-    """SAME stride-1 convolution of [..., H, W, C] as [..., H, W, kh*kw*C] @ [kh*kw*C, out]."""
+    """SAME stride-1 convolution of [..., H, W, C] by a [kh, kw, C, out] kernel as one matrix product.
+
+    Of two ways, the one that writes fewer columns per pixel: full im2col, the kh*kw shifted
+    copies of the input times the [kh*kw*C, out] kernel, for narrow inputs (Conv4's first layer,
+    C = 1); and for wider ones the kernel's rows apart: the kw horizontal shifts [..., H, W, kw*C]
+    times all kh rows of the kernel at once ([kw*C, kh*out]), then the kh row outputs shifted
+    vertically and summed. For a 3x3 64->64 layer that is 192 + 192 values per pixel instead of
+    576, in the forward pass and in every gradient (which take the same shapes), the most
+    memory traffic of a second-order MAML step (``experiments/profile_maml.py``). Same values
+    either way, to float rounding. A ``jit`` of this name is what ``bridges`` exports as a Conv2D.
+    """
     kh, kw, c, out = kernel.shape
-    if (kh, kw) == (1, 1):
-        return matmul(x, kernel[0, 0])
     h, w = x.shape[-3:-1]
-    pad = [(0, 0)] * (x.ndim - 3) + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)]
-    padded = jnp.pad(x, pad)
-    columns = jnp.concatenate([padded[..., i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
-    return matmul(columns, kernel.reshape(kh * kw * c, out))
+    lead = [(0, 0)] * (x.ndim - 3)
+    if kh * out >= (kh - 1) * kw * c:  # full im2col writes fewer values (or a 1x1 kernel: no copies)
+        if (kh, kw) == (1, 1):
+            return matmul(x, kernel[0, 0])
+        padded = jnp.pad(x, lead + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)])
+        columns = jnp.concatenate([padded[..., i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
+        return matmul(columns, kernel.reshape(kh * kw * c, out))
+    padded = jnp.pad(x, lead + [(0, 0), (kw // 2, kw // 2), (0, 0)])
+    columns = jnp.concatenate([padded[..., j:j + w, :] for j in range(kw)], -1)
+    rows = matmul(columns, kernel.reshape(kh, kw * c, out).transpose(1, 0, 2).reshape(kw * c, kh * out))
+    rows = jnp.pad(rows, lead + [(kh // 2, kh // 2), (0, 0), (0, 0)])
+    shifted = [rows[..., i:i + h, :, i * out:(i + 1) * out] for i in range(kh)]
+    return sum(shifted[1:], shifted[0])
 
 
 @jax.custom_vjp
