@@ -1,7 +1,7 @@
 """Reproduce the README's MAML speed table: ours against the torch.func peer, side by side.
 
     pip install -e ".[bench]"          # torch, for the peer
-    python experiments/bench_maml.py   # about 15 minutes on a 2-core CPU
+    python experiments/bench_maml.py   # 20-25 minutes on a 2-core CPU
 
 Runs ``fsl-jax bench maml`` with the library's defaults at 10 and at 1 meta-steps per XLA
 execution (``--steps-per-call``, the training loop's ``train.steps_per_call``), at 10 with the
