@@ -46,9 +46,9 @@ class Conv(nn.Module):
     and ``bias`` parameters, same initialisers, so the same values from the same key).
 
     On CPU it runs as one matrix product over shifted copies of the input (im2col,
-    :func:`_im2col_conv`): XLA's CPU convolutions, and above all their gradients, the gradients of those,
-    and their ``vmap`` over per-task kernels (which becomes a grouped convolution), are several
-    times slower than its matrix products. That is what makes second-order MAML fast on CPU;
+    :func:`_im2col_conv`): XLA's CPU convolutions, and above all their gradients, the gradients
+    of those, and their ``vmap`` over per-task kernels (which becomes a grouped convolution), are
+    several times slower than its matrix products. That is what makes second-order MAML fast on CPU;
     the results agree with ``nn.Conv`` to float rounding. Other backends use
     ``lax.conv_general_dilated`` as ``nn.Conv`` does.
 
