@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.default_backend()}"
 
 
+def commit() -> str:
+    """The checked-out commit (7 hex digits) that a figure comes from, with ``+changes`` where tracked
+    files other than the results and the README differ from it (the figures are then of no commit)."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!experiments/results", ":!README.md")
+    return git("rev-parse", "--short=7", "HEAD").strip() + ("+changes" if changed else "")
+
+
+def device(record: dict) -> str:
+    """A table's device cell: the machine a row was trained and evaluated on, and the commit of the code."""
+    return f"{record['machine']}; code at {record.get('commit', 'an unrecorded commit')}"
+
+
 def train_run(path: Path, out: str, results: Path):
     """Train (or resume) the config at ``path`` into ``out``; returns (experiment, params, summary).
 
@@ -53,5 +67,5 @@ def train_run(path: Path, out: str, results: Path):
                "train_episode": config["episode"], "train_minutes": round(minutes, 1),
                "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
                "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
-               "machine": machine()}
+               "machine": machine(), "commit": commit()}
     return experiment, params, summary

@@ -1,7 +1,7 @@
 """Export one run of every exported family to Core ML (fp32, fp16) and SavedModel; write
 ``experiments/results/export.md`` with sizes, MIL operation counts, parity figures and times.
 
-    .venv/bin/python experiments/export_models.py [--runs-dir runs/export] [--steps 50]
+    .venv/bin/python experiments/export_models.py [--runs-dir runs/export] [--steps 20]
 
 A family's run is ``RUNS_DIR/<family>`` (trained here for ``--steps`` steps, an interrupted one
 finished, a complete one reused, one of other steps refused; pass a longer-trained run directory
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 from bridges.export import export_run
+from common import commit, machine
 from fsl_jax.config import load_config
 from fsl_jax.train import train
 
@@ -75,8 +75,8 @@ def main() -> None:
     runs = ", ".join(sorted({f"`{r['run']}`" for r in rows}))
     args.out.write_text(
         "# Export: JAX -> TensorFlow SavedModel and Core ML ML Program\n\n"
-        f"Produced by `experiments/export_models.py` on {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-        f"{platform.system()} CPU. Runs: {runs}.\n\n"
+        f"Produced by `experiments/export_models.py` on {time.strftime('%Y-%m-%d')} with the code at {commit()}, on "
+        f"{machine()}. Runs: {runs}.\n\n"
         "Parity: largest absolute difference from the JAX model on held-out inputs. `lowered_tf`: the "
         "TensorFlow graph of standard ops that Core ML is converted from; `coreml`: the saved `.mlpackage` "
         "itself, run by the numpy MIL evaluator (`bridges/mil.py`) on 8-bit image inputs, since Core ML's "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import chosen_configs, train_run
+from common import chosen_configs, device, train_run
 from fsl_jax.config import load_config
 from fsl_jax.data.lake_runs import read_runs, write_runs
 from fsl_jax.data.omniglot import load_omniglot, split
@@ -50,14 +50,14 @@ def markdown(results: dict) -> str:
     episodes = sorted({e["episodes"] for r in results.values() for e in r["eval"].values()})
     lines = [f"Omniglot, held-out alphabets {', '.join(load_config(None)['data']['test_alphabets'])}; accuracy % "
              f"± 95% CI over {' or '.join(map(str, episodes))} episodes (5 queries per class).", "",
-             "| config | trained on | steps | minutes | device | train episodes/s | sampler episodes/s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | Lake-style 20-way runs |",
+             "| config | trained on | steps | minutes | device, code | train episodes/s | sampler episodes/s | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot | Lake-style 20-way runs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results.items()):
         ep = r["train_episode"]
         lake = r.get("lake_20way_within_alphabet")
         lines.append(
             f"| `{r['config']}` | {ep['ways']}-way {ep['shots']}-shot, {ep['queries']} queries/class | {r['steps']} | {r['train_minutes']} | "
-            f"{r['machine']} | {r['train_episodes_per_s']} | {r['sampler_episodes_per_s']:.0f} | "
+            f"{device(r)} | {r['train_episodes_per_s']} | {r['sampler_episodes_per_s']:.0f} | "
             + " | ".join(cell(r["eval"].get(k)) for k in ("5way_1shot", "5way_5shot", "20way_1shot"))
             + (f" | {100 * lake['accuracy']:.1f} ({lake['runs']} runs) |" if lake else " | – |"))
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from common import chosen_configs, machine, train_run
+from common import chosen_configs, commit, device, machine, train_run
 from fsl_jax.config import TASK_DEFAULTS, load_config
 from fsl_jax.learner import Learner
 from fsl_jax.train import Experiment
@@ -65,7 +65,7 @@ def every_character(path: Path) -> dict:
     """The reference a segmenter must beat, scored on the held-out scenes of the config at ``path``."""
     experiment = Experiment(load_config(path, ["out=runs/table/segmentation/every_character"]))
     return {"config": "every non-black pixel", "method": "reference: all characters", "task": experiment.config["data"]["name"],
-            "steps": 0, "train_minutes": 0, "machine": machine(), "train_episodes_per_s": None,
+            "steps": 0, "train_minutes": 0, "machine": machine(), "commit": commit(), "train_episodes_per_s": None,
             "sampler_episodes_per_s": None, "eval": scores(experiment, EVERY_CHARACTER, None)}
 
 
@@ -88,26 +88,26 @@ def markdown(results: dict) -> str:
              f"Foreground IoU % per scene (± 95% CI) at {', '.join(characters[:-1])} and {characters[-1]} characters "
              f"per scene, counted as the paper counts its levels, target included; a pixel is foreground where "
              f"p > {THRESHOLD}, as in the paper's code. 96x96 scenes, 32x32 exemplars.", "",
-             "| segmenter | config | steps | train minutes | device | train scenes/s | generated scenes/s | "
+             "| segmenter | config | steps | train minutes | device, code | train scenes/s | generated scenes/s | "
              + " | ".join(f"{d + 1} chars ({d} distractors)" for d in LEVELS) + " |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in cluttered.values():
         e = r["eval"]["cluttered"]
         cells = [pct(e["iou_by_distractors"][str(d)], e["ci95_by_distractors"][str(d)]) for d in LEVELS]
         config = f"`{r['config']}`" if r["steps"] else r["config"]
-        lines.append(f"| {r['method']} | {config} | {r['steps']} | {r['train_minutes']} | {r['machine']} | "
+        lines.append(f"| {r['method']} | {config} | {r['steps']} | {r['train_minutes']} | {device(r)} | "
                      f"{rate(r['train_episodes_per_s'], 2)} | {rate(r['sampler_episodes_per_s'], 0)} | " + " | ".join(cells) + " |")
     for name, figures in PUBLISHED:
         lines.append(f"| {name} | published: full 30-alphabet background set, 20 epochs | – | – | GPU | – | – | "
                      + " | ".join(f"{f:.1f}" for f in figures) + " |")
     lines += ["", "### K-shot segmentation of Omniglot scenes (held-out alphabets; 64x64 scenes, 4 distractors)", "",
               "mIoU % (per character, accumulated over its episodes, averaged) and FB-IoU %; trained 1-shot.", "",
-              "| segmenter | config | steps | train minutes | device | 1-shot mIoU | 1-shot FB-IoU | 5-shot mIoU | 5-shot FB-IoU |",
+              "| segmenter | config | steps | train minutes | device, code | 1-shot mIoU | 1-shot FB-IoU | 5-shot mIoU | 5-shot FB-IoU |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in kshot.values():
         cells = [pct(r["eval"][f"{k}shot"][m]) for k in SHOTS for m in ("miou", "fb_iou")]
         config = f"`{r['config']}`" if r["steps"] else r["config"]
-        lines.append(f"| {r['method']} | {config} | {r['steps']} | {r['train_minutes']} | {r['machine']} | "
+        lines.append(f"| {r['method']} | {config} | {r['steps']} | {r['train_minutes']} | {device(r)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

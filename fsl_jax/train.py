@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -367,6 +368,30 @@ def _exclusive(run_dir: Path):
         yield
 
 
+def split_over_devices(tasks_per_host: int, learner: Learner) -> bool:
+    """Whether training splits each batch's tasks over all devices (a 1-D task mesh).
+
+    It does where there are several devices, the batch's tasks (all hosts' together) divide among
+    them, and the loss does not couple the tasks. Otherwise one host trains on one device, with a
+    warning saying why; several hosts cannot (each would train its own parameters apart from the
+    others'), so there it is a ConfigError.
+    """
+    devices, hosts = jax.device_count(), jax.process_count()
+    tasks = tasks_per_host * hosts
+    if devices == 1:
+        return False
+    if learner.batch_loss is not None:
+        reason = "its loss couples a batch's tasks (a contrastive term), so they cannot be split over devices"
+    elif tasks % devices:
+        reason = f"its {tasks} tasks per batch are not a multiple of the {devices} devices"
+    else:
+        return True
+    if hosts > 1:
+        raise ConfigError(f"cannot train on {hosts} hosts: {reason}")
+    warnings.warn(f"training on one of the {devices} devices: {reason}", stacklevel=3)
+    return False
+
+
 def train(config: dict, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train (or resume) the run a config describes; returns the run directory.
 
@@ -386,6 +411,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         jax.eval_shape(experiment.optimiser.update, params, opt_state, params)
     except TypeError as err:
         raise ConfigError(f"optim.name {config['optim']['name']!r} is not an optimiser of gradients alone: {err}") from err
+    split = split_over_devices(experiment.train_sampler.tasks, experiment.learner)
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir), _checkpoint_manager(run_dir, config) as manager:
@@ -413,10 +439,6 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
 
         base_key = jax.random.PRNGKey(config["train"]["seed"])
         sampler = experiment.train_sampler
-        # Several devices: each batch's tasks are split over them, when the task count allows and the loss
-        # does not couple them.
-        split = (jax.device_count() > 1 and sampler.tasks % jax.device_count() == 0
-                 and experiment.learner.batch_loss is None)
         mesh = task_mesh() if split else None
         steps_fn = make_train_steps(experiment.learner, experiment.optimiser, mesh)
         if mesh is not None:

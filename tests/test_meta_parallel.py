@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -81,3 +82,33 @@ def test_sharded_meta_step_equals_single_device_step():
     assert "multiple of the number of devices (8)" in result["error"]
     assert result["fce"]["loss_diff"] < 1e-5 and result["fce"]["grad_diff"] < 1e-5, result["fce"]
     assert "cannot be split over devices" in result["coupled"]
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
+    """Training's choice of devices counts all hosts' tasks; where it cannot split them, one host is
+    warned that it trains on one device, and several hosts are refused (they would train apart)."""
+    import jax
+
+    from fsl_jax.errors import ConfigError
+    from fsl_jax.meta import maml
+    from fsl_jax.nets import Conv4
+    from fsl_jax.seg import siamese_unet
+    from fsl_jax.train import split_over_devices
+
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    monkeypatch.setattr(jax, "process_count", lambda: hosts)
+    learner, coupled = maml(Conv4(width=4, blocks=2)), siamese_unet(widths=(4, 8), contrast_weight=1.0)
+    assert split_over_devices(8 // hosts, learner)  # 8 tasks in all, on 8 devices
+    for tasks, model, reason in ((6 // hosts, learner, f"{6 // hosts * hosts} tasks per batch are not a multiple of the 8"),
+                                 (8 // hosts, coupled, "couples a batch's tasks")):
+        if hosts == 1:
+            with pytest.warns(UserWarning, match=f"training on one of the 8 devices: .*{reason}"):
+                assert not split_over_devices(tasks, model)
+        else:
+            with pytest.raises(ConfigError, match=f"cannot train on 2 hosts: .*{reason}"):
+                split_over_devices(tasks, model)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not split_over_devices(3, learner)  # one device: nothing to split, nothing to say
