@@ -39,7 +39,7 @@ def commit() -> str:
 
 
 def device(record: dict) -> str:
-    """A table's device cell: the machine a row was trained and evaluated on, and the commit of the code."""
+    """A table's device cell: the machine that trained a row, and the commit of the code that did."""
     return f"{record['machine']}; code at {record.get('commit', 'an unrecorded commit')}"
 
 
@@ -47,7 +47,8 @@ def train_run(path: Path, out: str, results: Path):
     """Train (or resume) the config at ``path`` into ``out``; returns (experiment, params, summary).
 
     The summary holds the config, steps, training minutes (the run's, over all its resumptions),
-    and median training and sampler episodes/s.
+    median training and sampler episodes/s, and the machine and commit that trained it: for a run
+    complete before this call, those its earlier record gives (else unrecorded), not today's.
     """
     config = load_config(path, [f"out={out}"])
     previous = json.loads(results.read_text()).get(path.stem, {}) if results.exists() else {}
@@ -67,5 +68,6 @@ def train_run(path: Path, out: str, results: Path):
                "train_episode": config["episode"], "train_minutes": round(minutes, 1),
                "train_episodes_per_s": round(float(np.median([r["episodes_per_s"] for r in records])), 2),
                "sampler_episodes_per_s": round(float(np.median([r["sampler_episodes_per_s"] for r in records])), 0),
-               "machine": machine(), "commit": commit()}
+               **({key: previous.get(key, "an unrecorded " + key) for key in ("machine", "commit")} if complete
+                  else {"machine": machine(), "commit": commit()})}
     return experiment, params, summary

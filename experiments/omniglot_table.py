@@ -44,7 +44,7 @@ def run_config(path: Path, episodes: int, lake_runs) -> dict:
 
 
 def markdown(results: dict) -> str:
-    """The table of ``results``, each row with the machine it was trained and evaluated on: rows of earlier
+    """The table of ``results``, each row with the machine and code that trained it: rows of earlier
     runs are kept, so they need not share one."""
     cell = lambda e: f"{100 * e['accuracy']:.1f} ± {100 * e['ci95']:.1f}" if e else "–"
     episodes = sorted({e["episodes"] for r in results.values() for e in r["eval"].values()})

@@ -15,11 +15,27 @@ def cmd_train(args) -> dict:
     from fsl_jax.config import load_config
     from fsl_jax.train import train
 
+    if args.distributed or args.coordinator or args.hosts is not None or args.host is not None:
+        _join_hosts(args.coordinator, args.hosts, args.host)
     overrides = list(args.set) + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
     config = load_config(args.config, overrides)
     run_dir = train(config, progress=not args.no_progress)
     return {"run": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
             "metrics": str(run_dir / "metrics.jsonl"), "curves": str(run_dir / "curves.png")}
+
+
+def _join_hosts(coordinator: str | None, hosts: int | None, host: int | None) -> None:
+    """Join the other hosts of a run (``jax.distributed.initialize``): what is not given is found in
+    the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU)."""
+    import jax
+
+    from fsl_jax.errors import ConfigError
+
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=hosts, process_id=host)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"cannot join the other hosts ({err}); outside SLURM, Open MPI, Kubernetes and Cloud TPU "
+                          "give --coordinator HOST:PORT, --hosts and --host") from err
 
 
 def cmd_eval(args) -> dict:
@@ -138,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a config; writes a run directory")
     train.add_argument("--config", required=True)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--distributed", action="store_true",
+                       help="train as one of several hosts (run the same command on each): the coordinator, the "
+                            "number of hosts and this host's index come from SLURM, Open MPI, Kubernetes or Cloud "
+                            "TPU, or from the three options below (any of which implies --distributed)")
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="several hosts: the address host 0 serves on")
+    train.add_argument("--hosts", type=int, help="several hosts: how many")
+    train.add_argument("--host", type=int, help="several hosts: this one's index, 0 to hosts-1")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a run on held-out classes, Lake's one-shot runs or a fixed set")

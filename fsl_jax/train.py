@@ -234,10 +234,15 @@ def _fallback(manager: ocp.CheckpointManager, step: int, run_dir: Path) -> str:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract, run_dir: Path, config: dict):
-    """A checkpoint restored into ``abstract``'s structure, or an error naming the parameters that differ,
-    the config keys another run's checkpoint was trained with, or what is damaged and what to delete to
-    fall back to the checkpoint before it. A checkpoint written without a record (before they were
-    kept) is checked for values that are not finite only."""
+    """A checkpoint restored into ``abstract``'s structure (its leaves' shapes and dtypes), or an error
+    naming the parameters that differ, the config keys another run's checkpoint was trained with, or
+    what is damaged and what to delete to fall back to the checkpoint before it. A checkpoint written
+    without a record (before they were kept) is checked for values that are not finite only.
+
+    The state is read onto this host's first device, whatever devices wrote it: a run trained on
+    several devices or hosts is evaluated, exported or resumed on any number."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), abstract)
     try:
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         recorded = manager.metadata(step).custom_metadata
@@ -353,8 +358,10 @@ def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
 def _exclusive(run_dir: Path):
     """Hold ``run_dir/.lock`` for the block: two processes training into one run directory would mix
     their metrics and checkpoints. The lock goes with its process, so a killed run leaves none
-    behind; reading a run (``fsl-jax eval``) takes none."""
-    with open(run_dir / ".lock", "a+") as lock:
+    behind; reading a run (``fsl-jax eval``) takes none. Each host of a run takes its own
+    (``.lock`` on the first, ``.lock.host<i>`` on host i), so two runs cannot share one directory."""
+    host = jax.process_index()
+    with open(run_dir / (f".lock.host{host}" if host else ".lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -397,6 +404,12 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
 
     One process at a time trains into a run directory: a second is refused (a DataError).
     stop_after: return after this many steps of this call, as if killed (for tests of resumption).
+
+    Several hosts (``jax.distributed.initialize()`` called first) run the same config into one run
+    directory on a filesystem they all see, as orbax's checkpoints need: each host draws its own
+    ``episode.tasks`` tasks per step (host i of H draws the sampler's batch ``step * H + i``) and
+    writes its part of the checkpoints; the first host alone writes the config, metrics and
+    pictures.
     """
     # Everything a config can get wrong is found before the run directory is written: a corrected
     # config must not find it claimed by the one that failed.
@@ -412,6 +425,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     except TypeError as err:
         raise ConfigError(f"optim.name {config['optim']['name']!r} is not an optimiser of gradients alone: {err}") from err
     split = split_over_devices(experiment.train_sampler.tasks, experiment.learner)
+    host, hosts = jax.process_index(), jax.process_count()
+    primary = host == 0  # the host that writes the run's config, metrics and pictures
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(run_dir), _checkpoint_manager(run_dir, config) as manager:
@@ -425,15 +440,17 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
             if differences:
                 raise ConfigError(f"run directory {run_dir} holds a run of a different config "
                                   f"({'; '.join(differences)}); choose another `out`")
-        write_replacing(saved, lambda partial: partial.write_text(dump_config(config)))
+        if primary:
+            write_replacing(saved, lambda partial: partial.write_text(dump_config(config)))
         if start:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": opt_state})
-            restored = _restore(manager, start, abstract, run_dir, config)
+            restored = _restore(manager, start, {"params": params, "opt_state": opt_state}, run_dir, config)
             params, opt_state = restored["params"], restored["opt_state"]
         # Records after the checkpoint were written by a run that died later; they will be rewritten.
         metrics_path = run_dir / "metrics.jsonl"
         kept = [r for r in records if r["step"] <= start]
-        write_replacing(metrics_path, lambda partial: partial.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        if primary:
+            lines = "".join(json.dumps(r) + "\n" for r in kept)
+            write_replacing(metrics_path, lambda partial: partial.write_text(lines))
         earlier, resumed_at = max([r["elapsed_s"] for r in kept if "elapsed_s" in r], default=0.0), time.perf_counter()
         elapsed = lambda: earlier + time.perf_counter() - resumed_at  # the run's training time, resumptions included
 
@@ -448,17 +465,18 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         every = (log_every, config["eval"]["every"], config["train"]["checkpoint_every"])
 
         def log(record):
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if primary:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
 
-        bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not progress)
+        bar = tqdm(initial=start, total=steps, desc=config["name"], disable=not (progress and primary))
         try:
             first = start + 1
             while first <= end:
                 # One call runs steps first..last: at most steps_per_call, never past a log, evaluation or checkpoint.
                 last = min([first + per_call - 1, end] + [-(-first // m) * m for m in every])
                 t0 = time.perf_counter()
-                chunk = [sampler.sample(step) for step in range(first, last + 1)]
+                chunk = [sampler.sample(step * hosts + host) for step in range(first, last + 1)]
                 batches = jax.tree.map(lambda *xs: np.stack(xs), *chunk)
                 if mesh is not None:
                     batches = shard_tasks(batches, mesh, axis=1)
@@ -484,8 +502,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                     n = len(window["loss"])
                     log({"step": last, "split": "train", "loss": float(np.mean(window["loss"])),
                          **{k: float(np.mean([m[k] for m in window["metrics"]])) for k in window["metrics"][0]},
-                         "episodes_per_s": n * sampler.tasks / window["step_s"],
-                         "sampler_episodes_per_s": n * sampler.tasks / max(window["sample_s"], 1e-9),
+                         "episodes_per_s": n * sampler.tasks * hosts / window["step_s"],  # all hosts' tasks
+                         "sampler_episodes_per_s": n * sampler.tasks * hosts / max(window["sample_s"], 1e-9),
                          "elapsed_s": elapsed()})
                     window = {"loss": [], "metrics": [], "sample_s": 0.0, "step_s": 0.0}
                 if last % config["eval"]["every"] == 0 or last == steps:
@@ -498,7 +516,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                     _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir, config)
                 first = last + 1
         except TrainingDiverged:
-            plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
+            if primary:
+                plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
             raise
         except KeyboardInterrupt:  # Ctrl-C: say where the run resumes from (the CLI prints it as one line)
             _wait(manager, run_dir)
@@ -509,5 +528,6 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         finally:
             bar.close()
             _wait(manager, run_dir)
-        plot_curves(run_dir, experiment.task.score)
+        if primary:
+            plot_curves(run_dir, experiment.task.score)
     return run_dir

@@ -1,8 +1,10 @@
-"""The task batch sharded over 8 (forced host) devices gives the single-device parameters and gradients."""
+"""The task batch sharded over 8 (forced host) devices, or over two hosts, gives the single-device
+parameters and gradients."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -112,3 +114,77 @@ def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not split_over_devices(3, learner)  # one device: nothing to split, nothing to say
+
+
+def _train_on_two_hosts(config_path):
+    """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        coordinator = f"localhost:{s.getsockname()[1]}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "fsl_jax.cli", "train", "--config", str(config_path), "--no-progress",
+               "--coordinator", coordinator, "--hosts", "2"]
+    hosts = [subprocess.Popen(command + ["--host", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+        errors = [host.communicate(timeout=600)[1] for host in hosts]
+    finally:  # a host left waiting for one that failed
+        for host in hosts:
+            host.kill()
+    for host, err in zip(hosts, errors):
+        assert host.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_hosts_train_one_run(tmp_path):
+    """`fsl-jax train --hosts 2` on two hosts trains one run into one directory: host i draws the
+    sampler's batch 2*step+i (not both the same tasks), the checkpoints hold the parameters of those
+    steps taken on one device, read back on one device, and the two hosts resume from them."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from fsl_jax.config import dump_config, load_config
+    from fsl_jax.train import Experiment, make_train_step, read_metrics, restore_params
+
+    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
+    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
+                                "optim.name=sgd", "optim.lr=0.1", "train.steps=6", "train.log_every=1",
+                                "train.checkpoint_every=3", "eval.every=3", "eval.curve_episodes=4", f"out={run}"])
+    config_path.write_text(dump_config(config))
+    experiment = Experiment(config)
+    train_step, sampler = make_train_step(experiment.learner, experiment.optimiser), experiment.train_sampler
+    init = expected = experiment.init_params()
+    opt_state = experiment.optimiser.init(expected)
+    for step in range(1, 7):
+        batch = jax.tree.map(lambda *xs: np.concatenate(xs), sampler.sample(2 * step), sampler.sample(2 * step + 1))
+        rng = jax.random.fold_in(jax.random.PRNGKey(0), step)  # train.seed 0
+        expected, opt_state, _, _ = train_step(expected, opt_state, batch, rng)
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+    assert np.abs(flat(expected) - flat(init)).max() > 1e-3  # six steps do move the parameters
+
+    _train_on_two_hosts(config_path)
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # written once, by host 0
+    assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]
+    params, step = restore_params(run, experiment)
+    assert step == 6 and np.abs(flat(params) - flat(expected)).max() < 1e-5
+    shutil.rmtree(run / "checkpoints" / "6")  # back to step 3: the hosts resume from it
+    _train_on_two_hosts(config_path)
+    params, step = restore_params(run, experiment)
+    assert step == 6 and np.abs(flat(params) - flat(expected)).max() < 1e-5
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_distributed_training_outside_a_cluster_says_what_to_give(tmp_path):
+    from fsl_jax.config import dump_config, load_config
+
+    (tmp_path / "config.yaml").write_text(dump_config(load_config(None, [f"out={tmp_path / 'run'}"])))
+    clusters = ("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORDINATOR")  # what jax.distributed would detect
+    env = {k: v for k, v in os.environ.items() if not k.startswith(clusters)}
+    done = subprocess.run([sys.executable, "-m", "fsl_jax.cli", "train", "--config", str(tmp_path / "config.yaml"),
+                           "--distributed"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1
+    assert "cannot join the other hosts" in done.stderr and "--coordinator HOST:PORT, --hosts and --host" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -12,8 +12,8 @@ host (it reads the coordinator address, process count and id from the cluster en
 or its arguments: SLURM, Open MPI, Kubernetes, Cloud TPU); ``jax.devices()`` then lists
 every device of every host, :func:`task_mesh` spans them all, and each host passes its own
 tasks to :func:`shard_tasks`, which assembles the global batch with
-``jax.make_array_from_process_local_data``. Use a different sampler seed per host
-(``jax.process_index()``) so the hosts draw different tasks.
+``jax.make_array_from_process_local_data``. The hosts must draw different tasks: ``fsl-jax
+train --distributed`` has host i of H draw the sampler's batch ``step * H + i``.
 """
 from __future__ import annotations
 
@@ -65,8 +65,11 @@ def shard_tasks(batch, mesh: Mesh, axis: int = 0):
 
 
 def replicate(tree, mesh: Mesh):
-    """Place a pytree (parameters, optimiser state) replicated on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Place a pytree (parameters, optimiser state) replicated on every device of the mesh. On
+    several hosts each passes its own copy of the same values (read back to the host: arrays on
+    one host's devices cannot be sent to another's)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
