@@ -76,13 +76,13 @@ def main() -> None:
     args.out.write_text(
         "# Export: JAX -> TensorFlow SavedModel and Core ML ML Program\n\n"
         f"Produced by `experiments/export_models.py` on {time.strftime('%Y-%m-%d')} with the code at {commit()}, on "
-        f"{machine()}. Runs: {runs}.\n\n"
+        f"{machine()}. Runs: {runs}; those made here trained for {args.steps} steps.\n\n"
         "Parity: largest absolute difference from the JAX model on held-out inputs. `lowered_tf`: the "
         "TensorFlow graph of standard ops that Core ML is converted from; `coreml`: the saved `.mlpackage` "
         "itself, run by the numpy MIL evaluator (`bridges/mil.py`) on 8-bit image inputs, since Core ML's "
         "runtime is macOS-only; `savedmodel`: jax2tf's SavedModel. Targets: 1e-5 (lowered graph, SavedModel), "
         "1e-4 (Core ML fp32), 1e-2 (Core ML fp16). Seconds: the whole export (loading the run, converting, "
-        "checking), on a shared 2-core machine.\n\n" + table(rows) + "\n")
+        "checking), on the machine above.\n\n" + table(rows) + "\n")
     print(json.dumps({"written": str(args.out)}))
 
 
