@@ -24,12 +24,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fsl_jax.config import check_value, eval_episode
 from fsl_jax.data import EpisodeSampler, character_splits
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
+from fsl_jax.meta.parallel import map_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +74,9 @@ def _episode_accuracy(learner: Learner):
 
 def evaluate(learner: Learner, params, sampler: EpisodeSampler, episodes: int, progress: bool = True) -> dict:
     """Accuracy over ``episodes`` episodes: mean and 95% confidence interval (1.96 standard errors)."""
-    predict = _episode_accuracy(learner)
-    scores, batch_index = [], 0
-    with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
-        while len(scores) < episodes:
-            batch = sampler.sample(batch_index)
-            scores.extend(np.asarray(predict(params, batch, jax.random.PRNGKey(batch_index))).tolist())
-            batch_index += 1
-            bar.update(sampler.tasks)
-    return {**accuracy_ci95(scores[:episodes]), "episodes": min(len(scores), episodes)}
+    batches = map_batches(_episode_accuracy(learner), params, sampler, -(-episodes // sampler.tasks), progress)
+    scores = np.concatenate(batches)[:episodes]
+    return {**accuracy_ci95(scores), "episodes": len(scores)}
 
 
 def accuracy_ci95(scores) -> dict:

@@ -1,5 +1,5 @@
 """The task batch sharded over 8 (forced host) devices, or over two hosts, gives the single-device
-parameters and gradients."""
+parameters and gradients; evaluation spread over them gives the single-device scores."""
 from __future__ import annotations
 
 import json
@@ -18,10 +18,11 @@ SCRIPT = textwrap.dedent("""
     from fsl_jax.data.episodes import Episode
     from fsl_jax.errors import ConfigError
     from fsl_jax.learner import first_task
-    from fsl_jax.meta import maml, replicate, shard_tasks, sharded_loss, task_mesh
+    from fsl_jax.meta import map_batches, maml, replicate, shard_tasks, sharded_loss, task_mesh
     from fsl_jax.metric import matching
     from fsl_jax.seg import siamese_unet
     from fsl_jax.nets import Conv4
+    from fsl_jax.tasks import _episode_accuracy, accuracy_ci95, evaluate
     from fsl_jax.train import make_train_step
 
     assert jax.device_count() == 8, jax.devices()
@@ -67,6 +68,32 @@ SCRIPT = textwrap.dedent("""
         sharded_loss(segmenter.loss, mesh)
     except ConfigError as err:
         out["coupled"] = str(err)
+
+    class Numbered:  # batch i: two tasks drawn from seed i
+        tasks = 2
+
+        def sample(self, i):
+            r = np.random.default_rng(i)
+            return Episode(r.random((2, ways, 8, 8, 1), np.float32), labels(1)[:2],
+                           r.random((2, 2 * ways, 8, 8, 1), np.float32), labels(2)[:2],
+                           np.tile(np.arange(ways, dtype=np.int32), (2, 1)))
+
+    learner = maml(Conv4(width=4, blocks=2), inner_steps=2, inner_lr=0.3)
+    init = learner.init(jax.random.PRNGKey(0), first_task(batches[0]))
+    used = set()
+
+    def support_sums(params, batch, rng):
+        used.update(d.id for d in batch.support_x.devices())
+        return batch.support_x.sum((1, 2, 3, 4))
+
+    sums = map_batches(support_sums, replicate(init, mesh), Numbered(), 19)
+    out["map_batches"] = {"devices": len(used), "batches": len(sums), "max_abs_diff": max(
+        float(np.abs(s - Numbered().sample(i).support_x.sum((1, 2, 3, 4))).max()) for i, s in enumerate(sums))}
+    accuracy = _episode_accuracy(learner)  # evaluation's loop on one device, batch by batch
+    one = np.concatenate([accuracy(init, Numbered().sample(i), jax.random.PRNGKey(i)) for i in range(19)])[:37]
+    spread = evaluate(learner, replicate(init, mesh), Numbered(), 37, progress=False)
+    out["evaluate"] = {"episodes": spread["episodes"], "diff": abs(spread["accuracy"] - float(one.mean())),
+                       "ci_diff": abs(spread["ci95"] - accuracy_ci95(one)["ci95"]), "spread": float(one.std())}
     print(json.dumps(out))
 """)
 
@@ -84,6 +111,11 @@ def test_sharded_meta_step_equals_single_device_step():
     assert "multiple of the number of devices (8)" in result["error"]
     assert result["fce"]["loss_diff"] < 1e-5 and result["fce"]["grad_diff"] < 1e-5, result["fce"]
     assert "cannot be split over devices" in result["coupled"]
+    # evaluation spreads its batches over the 8 devices, in order: the one-device loop's scores
+    batches = result["map_batches"]  # a batch's sum is about 120, so another batch's would be far off
+    assert batches["devices"] == 8 and batches["batches"] == 19 and batches["max_abs_diff"] < 1e-3, batches
+    assert result["evaluate"]["episodes"] == 37 and result["evaluate"]["spread"] > 0.05, result["evaluate"]
+    assert result["evaluate"]["diff"] < 1e-6 and result["evaluate"]["ci_diff"] < 1e-6, result["evaluate"]
 
 
 @pytest.mark.parametrize("hosts", [1, 2])
@@ -139,7 +171,8 @@ def _train_on_two_hosts(config_path):
 def test_two_hosts_train_one_run(tmp_path):
     """`fsl-jax train --hosts 2` on two hosts trains one run into one directory: host i draws the
     sampler's batch 2*step+i (not both the same tasks), the checkpoints hold the parameters of those
-    steps taken on one device, read back on one device, and the two hosts resume from them."""
+    steps taken on one device, read back on one device, and the two hosts resume from them; the
+    hosts split the evaluation's batches and log the scores one host gives."""
     import shutil
 
     import jax
@@ -151,7 +184,7 @@ def test_two_hosts_train_one_run(tmp_path):
     run, config_path = tmp_path / "run", tmp_path / "config.yaml"
     config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
                                 "optim.name=sgd", "optim.lr=0.1", "train.steps=6", "train.log_every=1",
-                                "train.checkpoint_every=3", "eval.every=3", "eval.curve_episodes=4", f"out={run}"])
+                                "train.checkpoint_every=3", "eval.every=3", "eval.curve_episodes=25", f"out={run}"])
     config_path.write_text(dump_config(config))
     experiment = Experiment(config)
     train_step, sampler = make_train_step(experiment.learner, experiment.optimiser), experiment.train_sampler
@@ -175,6 +208,10 @@ def test_two_hosts_train_one_run(tmp_path):
     params, step = restore_params(run, experiment)
     assert step == 6 and np.abs(flat(params) - flat(expected)).max() < 1e-5
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    logged = [r for r in read_metrics(run) if r["split"] == "test"][-1]  # batches 0 and 2 on host 0, 1 on host 1
+    alone = experiment.evaluate(params, experiment.eval_sampler(), 25, progress=False)
+    assert logged["episodes"] == 25 and abs(logged["accuracy"] - alone["accuracy"]) < 1e-6, (logged, alone)
+    assert abs(logged["ci95"] - alone["ci95"]) < 1e-6
 
 
 def test_distributed_training_outside_a_cluster_says_what_to_give(tmp_path):

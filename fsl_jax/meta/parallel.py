@@ -17,10 +17,13 @@ train --distributed`` has host i of H draw the sampler's batch ``step * H + i``.
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fsl_jax.errors import ConfigError
@@ -92,3 +95,41 @@ def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
         return jax.lax.pmean(loss(params, batch, rng), AXIS)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
+
+
+def map_batches(fn: Callable, params, sampler, batches: int, progress: bool = False) -> list:
+    """``[fn(params, sampler.sample(i), jax.random.PRNGKey(i)) for i in range(batches)]``, each
+    result a pytree of numpy arrays, the same list on every host: evaluation over all devices.
+
+    Batch i is drawn and computed by host ``i % H`` of H, its k-th batch on its local device
+    ``k % L``, each device on its own copy of ``params`` (parameters replicated on a mesh would have
+    every device compute every batch); the hosts then exchange their results
+    (``multihost_utils.process_allgather``), so every host must call this at the same point.
+    progress: a bar of this host's episodes.
+    """
+    host, hosts = jax.process_index(), jax.process_count()
+    devices = jax.local_devices()
+    owned = [list(range(h, batches, hosts)) for h in range(hosts)]
+    mine = owned[host] or [0]  # a host without a batch computes batch 0 so that it has shapes to exchange
+    local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
+    copies = [jax.device_put(local, d) for d in devices[:len(mine)]]
+    results, pending = [], collections.deque()
+    with tqdm(total=len(mine) * sampler.tasks, desc="eval", disable=not progress, leave=False) as bar:
+        def collect():
+            results.append(jax.tree.map(np.asarray, pending.popleft()))
+            bar.update(sampler.tasks)
+
+        for k, index in enumerate(mine):  # dispatch is asynchronous: the devices run side by side
+            batch = jax.device_put(sampler.sample(index), devices[k % len(devices)])
+            pending.append(fn(copies[k % len(devices)], batch, jax.random.PRNGKey(index)))
+            if len(pending) > 2 * len(copies):  # a bounded number of batches in flight
+                collect()
+        while pending:
+            collect()
+    if hosts == 1:
+        return results
+    longest = max(len(o) for o in owned)
+    padded = results + [results[-1]] * (longest - len(results))
+    gathered = multihost_utils.process_allgather(jax.tree.map(lambda *xs: np.stack(xs), *padded))  # [host, k, ...]
+    where = {index: (h, k) for h, indices in enumerate(owned) for k, index in enumerate(indices)}
+    return [jax.tree.map(lambda x: x[where[i]], gathered) for i in range(batches)]

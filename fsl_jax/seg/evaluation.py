@@ -16,10 +16,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fsl_jax import metrics
 from fsl_jax.learner import Learner
+from fsl_jax.meta.parallel import map_batches
 from fsl_jax.seg.common import logit
 
 
@@ -55,17 +55,9 @@ def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, thre
     ``ci95_by_distractors`` keyed by the number of distractors.
     """
     compute = _episode_counts(learner, threshold)
-    counts, classes, levels, index = [], [], [], 0
-    with tqdm(total=episodes, desc="eval", disable=not progress, leave=False) as bar:
-        while len(counts) < episodes:
-            batch = sampler.sample(index)
-            _, batch_counts = compute(params, batch, jax.random.PRNGKey(index))
-            counts.extend(np.asarray(batch_counts))
-            classes.extend(batch.classes.tolist())
-            levels.extend(batch.distractors.tolist())
-            index += 1
-            bar.update(sampler.tasks)
-    counts, classes, levels = np.stack(counts[:episodes]), np.array(classes[:episodes]), np.array(levels[:episodes])
+    batches = map_batches(lambda p, batch, rng: (compute(p, batch, rng)[1], batch.classes, batch.distractors),
+                          params, sampler, -(-episodes // sampler.tasks), progress)
+    counts, classes, levels = (np.concatenate(parts)[:episodes] for parts in zip(*batches))
     scores = metrics.summary(jnp.asarray(counts), jnp.asarray(classes), int(classes.max()) + 1)
     scores = {k: float(v) for k, v in scores.items()}
     per_episode = np.asarray(metrics.iou(jnp.asarray(counts)))
