@@ -355,12 +355,11 @@ def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(run_dir: Path):
+def _exclusive(run_dir: Path, host: int):
     """Hold ``run_dir/.lock`` for the block: two processes training into one run directory would mix
     their metrics and checkpoints. The lock goes with its process, so a killed run leaves none
     behind; reading a run (``fsl-jax eval``) takes none. Each host of a run takes its own
     (``.lock`` on the first, ``.lock.host<i>`` on host i), so two runs cannot share one directory."""
-    host = jax.process_index()
     with open(run_dir / (f".lock.host{host}" if host else ".lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -429,7 +428,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     primary = host == 0  # the host that writes the run's config, metrics and pictures
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir), _checkpoint_manager(run_dir, config) as manager:
+    with _exclusive(run_dir, host), _checkpoint_manager(run_dir, config) as manager:
         start = manager.latest_step() or 0
         records = read_metrics(run_dir)
         saved = run_dir / "config.yaml"

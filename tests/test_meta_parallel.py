@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent("""
     from fsl_jax.errors import ConfigError
     from fsl_jax.learner import first_task
     from fsl_jax.meta import map_batches, maml, replicate, shard_tasks, sharded_loss, task_mesh
+    from fsl_jax.meta.parallel import BATCHES
     from fsl_jax.metric import matching
     from fsl_jax.seg import siamese_unet
     from fsl_jax.nets import Conv4
@@ -80,15 +81,13 @@ SCRIPT = textwrap.dedent("""
 
     learner = maml(Conv4(width=4, blocks=2), inner_steps=2, inner_lr=0.3)
     init = learner.init(jax.random.PRNGKey(0), first_task(batches[0]))
-    used = set()
 
-    def support_sums(params, batch, rng):
-        used.update(d.id for d in batch.support_x.devices())
-        return batch.support_x.sum((1, 2, 3, 4))
+    def support_sums(params, batch, rng):  # and which device computed the batch
+        return batch.support_x.sum((1, 2, 3, 4)), jax.lax.axis_index(BATCHES)
 
     sums = map_batches(support_sums, replicate(init, mesh), Numbered(), 19)
-    out["map_batches"] = {"devices": len(used), "batches": len(sums), "max_abs_diff": max(
-        float(np.abs(s - Numbered().sample(i).support_x.sum((1, 2, 3, 4))).max()) for i, s in enumerate(sums))}
+    out["map_batches"] = {"devices": sorted({int(d) for _, d in sums}), "batches": len(sums), "max_abs_diff": max(
+        float(np.abs(s - Numbered().sample(i).support_x.sum((1, 2, 3, 4))).max()) for i, (s, _) in enumerate(sums))}
     accuracy = _episode_accuracy(learner)  # evaluation's loop on one device, batch by batch
     one = np.concatenate([accuracy(init, Numbered().sample(i), jax.random.PRNGKey(i)) for i in range(19)])[:37]
     spread = evaluate(learner, replicate(init, mesh), Numbered(), 37, progress=False)
@@ -113,7 +112,7 @@ def test_sharded_meta_step_equals_single_device_step():
     assert "cannot be split over devices" in result["coupled"]
     # evaluation spreads its batches over the 8 devices, in order: the one-device loop's scores
     batches = result["map_batches"]  # a batch's sum is about 120, so another batch's would be far off
-    assert batches["devices"] == 8 and batches["batches"] == 19 and batches["max_abs_diff"] < 1e-3, batches
+    assert batches["devices"] == list(range(8)) and batches["batches"] == 19 and batches["max_abs_diff"] < 1e-3, batches
     assert result["evaluate"]["episodes"] == 37 and result["evaluate"]["spread"] > 0.05, result["evaluate"]
     assert result["evaluate"]["diff"] < 1e-6 and result["evaluate"]["ci_diff"] < 1e-6, result["evaluate"]
 

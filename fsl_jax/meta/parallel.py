@@ -14,17 +14,21 @@ every device of every host, :func:`task_mesh` spans them all, and each host pass
 tasks to :func:`shard_tasks`, which assembles the global batch with
 ``jax.make_array_from_process_local_data``. The hosts must draw different tasks: ``fsl-jax
 train --distributed`` has host i of H draw the sampler's batch ``step * H + i``.
+
+Evaluation (:func:`map_batches`) spreads whole batches instead: each device computes its own
+batch on its own copy of the parameters, and the hosts exchange the results.
 """
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from fsl_jax.errors import ConfigError
 from fsl_jax.learner import Learner
@@ -97,32 +101,63 @@ def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P())
 
 
+BATCHES = "batches"  # the mesh axis of evaluation's batches (one per local device)
+
+
+def _stack(*xs):
+    return np.stack(xs)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_local_devices(fn: Callable, devices: tuple) -> tuple[Callable, Mesh]:
+    """``fn`` run by each of ``devices`` on its own batch of a stack of them: one program (one
+    compilation) for all of them, where jitting ``fn`` on each device would compile it per device."""
+    mesh = Mesh(np.asarray(devices), (BATCHES,))
+
+    def one(params, batch, rng):
+        params = jax.lax.pcast(params, BATCHES, to="varying")  # as in sharded_loss: gradients inside fn stay per device
+        out = fn(params, jax.tree.map(lambda x: x[0], batch), rng[0])
+        return jax.tree.map(lambda y: y[None], out)
+
+    specs = (P(), P(BATCHES), P(BATCHES))
+    return jax.jit(jax.shard_map(one, mesh=mesh, in_specs=specs, out_specs=P(BATCHES))), mesh
+
+
 def map_batches(fn: Callable, params, sampler, batches: int, progress: bool = False) -> list:
     """``[fn(params, sampler.sample(i), jax.random.PRNGKey(i)) for i in range(batches)]``, each
     result a pytree of numpy arrays, the same list on every host: evaluation over all devices.
 
-    Batch i is drawn and computed by host ``i % H`` of H, its k-th batch on its local device
-    ``k % L``, each device on its own copy of ``params`` (parameters replicated on a mesh would have
-    every device compute every batch); the hosts then exchange their results
+    Batch i is drawn by host ``i % H`` of H; each host's local devices compute its batches side by
+    side, one each, on their own copy of ``params`` (parameters replicated on a training mesh
+    would have every device compute every batch). The hosts then exchange their results
     (``multihost_utils.process_allgather``), so every host must call this at the same point.
+    ``fn`` must be hashable and the same object from call to call (its program is kept).
     progress: a bar of this host's episodes.
     """
     host, hosts = jax.process_index(), jax.process_count()
-    devices = jax.local_devices()
     owned = [list(range(h, batches, hosts)) for h in range(hosts)]
     mine = owned[host] or [0]  # a host without a batch computes batch 0 so that it has shapes to exchange
+    run, mesh = _on_local_devices(fn, tuple(jax.local_devices()[:len(mine)]))
+    width = mesh.devices.size
     local = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
-    copies = [jax.device_put(local, d) for d in devices[:len(mine)]]
+    local, stacked = jax.device_put(local, NamedSharding(mesh, P())), NamedSharding(mesh, P(BATCHES))
     results, pending = [], collections.deque()
     with tqdm(total=len(mine) * sampler.tasks, desc="eval", disable=not progress, leave=False) as bar:
         def collect():
-            results.append(jax.tree.map(np.asarray, pending.popleft()))
-            bar.update(sampler.tasks)
+            count, out = pending.popleft()
+            out = jax.tree.map(np.asarray, out)
+            results.extend(jax.tree.map(lambda x: x[j], out) for j in range(count))
+            bar.update(count * sampler.tasks)
 
-        for k, index in enumerate(mine):  # dispatch is asynchronous: the devices run side by side
-            batch = jax.device_put(sampler.sample(index), devices[k % len(devices)])
-            pending.append(fn(copies[k % len(devices)], batch, jax.random.PRNGKey(index)))
-            if len(pending) > 2 * len(copies):  # a bounded number of batches in flight
+        for start in range(0, len(mine), width):
+            indices = mine[start:start + width]
+            drawn = [sampler.sample(i) for i in indices]
+            drawn += drawn[-1:] * (width - len(drawn))  # the last group's idle devices repeat a batch, dropped
+            keys = [jax.random.PRNGKey(i) for i in indices]
+            keys += keys[-1:] * (width - len(keys))
+            pending.append((len(indices), run(local, jax.device_put(jax.tree.map(_stack, *drawn), stacked),
+                                              jax.device_put(np.stack(keys), stacked))))
+            if len(pending) > 1:  # dispatch is asynchronous: the next group is drawn while this one runs
                 collect()
         while pending:
             collect()
@@ -130,6 +165,6 @@ def map_batches(fn: Callable, params, sampler, batches: int, progress: bool = Fa
         return results
     longest = max(len(o) for o in owned)
     padded = results + [results[-1]] * (longest - len(results))
-    gathered = multihost_utils.process_allgather(jax.tree.map(lambda *xs: np.stack(xs), *padded))  # [host, k, ...]
+    gathered = multihost_utils.process_allgather(jax.tree.map(_stack, *padded))  # [host, k, ...]
     where = {index: (h, k) for h, indices in enumerate(owned) for k, index in enumerate(indices)}
     return [jax.tree.map(lambda x: x[where[i]], gathered) for i in range(batches)]

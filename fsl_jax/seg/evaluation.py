@@ -36,6 +36,14 @@ def _episode_counts(learner: Learner, threshold: float):
     return jax.jit(counts)
 
 
+@functools.lru_cache(maxsize=None)
+def _episode_scores(learner: Learner, threshold: float):
+    """(confusion counts per task [T, 4], classes [T], distractors [T]) of a batch, one function per
+    learner and threshold (:func:`fsl_jax.meta.map_batches` keeps its program)."""
+    compute = _episode_counts(learner, threshold)
+    return lambda params, batch, rng: (compute(params, batch, rng)[1], batch.classes, batch.distractors)
+
+
 def _mean_ci(values: np.ndarray) -> tuple[float, float]:
     ci = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
     return float(values.mean()), float(ci)
@@ -54,9 +62,7 @@ def evaluate_segmentation(learner: Learner, params, sampler, episodes: int, thre
     ``episodes``, ``threshold``; and where scenes hold distractors, ``iou_by_distractors`` and
     ``ci95_by_distractors`` keyed by the number of distractors.
     """
-    compute = _episode_counts(learner, threshold)
-    batches = map_batches(lambda p, batch, rng: (compute(p, batch, rng)[1], batch.classes, batch.distractors),
-                          params, sampler, -(-episodes // sampler.tasks), progress)
+    batches = map_batches(_episode_scores(learner, threshold), params, sampler, -(-episodes // sampler.tasks), progress)
     counts, classes, levels = (np.concatenate(parts)[:episodes] for parts in zip(*batches))
     scores = metrics.summary(jnp.asarray(counts), jnp.asarray(classes), int(classes.max()) + 1)
     scores = {k: float(v) for k, v in scores.items()}
