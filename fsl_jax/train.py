@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fsl_jax.config import check, complete, dump_config, run_config
@@ -355,19 +356,28 @@ def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive(run_dir: Path, host: int):
+def _exclusive(run_dir: Path, host: int, hosts: int):
     """Hold ``run_dir/.lock`` for the block: two processes training into one run directory would mix
     their metrics and checkpoints. The lock goes with its process, so a killed run leaves none
     behind; reading a run (``fsl-jax eval``) takes none. Each host of a run takes its own
-    (``.lock`` on the first, ``.lock.host<i>`` on host i), so two runs cannot share one directory."""
+    (``.lock`` on the first, ``.lock.host<i>`` on host i), so two runs cannot share one directory;
+    where one host is refused, every host stops with an error (the others would wait for it)."""
     with open(run_dir / (f".lock.host{host}" if host else ".lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            refused = None
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip()
-            raise DataError(f"another process{f' (pid {holder})' if holder else ''} is training into {run_dir}: wait "
-                            "for it to end, or choose another `out`") from None
+            refused = DataError(f"another process{f' (pid {holder})' if holder else ''} is training into {run_dir}: "
+                                "wait for it to end, or choose another `out`")
+        taken = multihost_utils.process_allgather(np.array([refused is None]))[:, 0] if hosts > 1 else [True]
+        if refused is not None:
+            raise refused
+        if not all(taken):
+            others = ", ".join(str(h) for h, ok in enumerate(taken) if not ok)
+            raise DataError(f"host {others} could not take its lock on {run_dir}: another process is training into "
+                            "it (that host's error names it)")
         lock.truncate(0)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
@@ -428,7 +438,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     primary = host == 0  # the host that writes the run's config, metrics and pictures
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir, host), _checkpoint_manager(run_dir, config) as manager:
+    with _exclusive(run_dir, host, hosts), _checkpoint_manager(run_dir, config) as manager:
         start = manager.latest_step() or 0
         records = read_metrics(run_dir)
         saved = run_dir / "config.yaml"

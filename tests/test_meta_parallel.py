@@ -147,8 +147,9 @@ def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
         assert not split_over_devices(3, learner)  # one device: nothing to split, nothing to say
 
 
-def _train_on_two_hosts(config_path):
-    """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side."""
+def _two_hosts(config_path, timeout=600) -> list[tuple[int, str]]:
+    """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side;
+    each host's exit status and standard error."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         coordinator = f"localhost:{s.getsockname()[1]}"
@@ -158,12 +159,16 @@ def _train_on_two_hosts(config_path):
     hosts = [subprocess.Popen(command + ["--host", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     try:
-        errors = [host.communicate(timeout=600)[1] for host in hosts]
+        errors = [host.communicate(timeout=timeout)[1] for host in hosts]
     finally:  # a host left waiting for one that failed
         for host in hosts:
             host.kill()
-    for host, err in zip(hosts, errors):
-        assert host.returncode == 0, err[-3000:]
+    return [(host.returncode, err) for host, err in zip(hosts, errors)]
+
+
+def _train_on_two_hosts(config_path):
+    for code, err in _two_hosts(config_path):
+        assert code == 0, err[-3000:]
 
 
 @pytest.mark.slow
@@ -211,6 +216,27 @@ def test_two_hosts_train_one_run(tmp_path):
     alone = experiment.evaluate(params, experiment.eval_sampler(), 25, progress=False)
     assert logged["episodes"] == 25 and abs(logged["accuracy"] - alone["accuracy"]) < 1e-6, (logged, alone)
     assert abs(logged["ci95"] - alone["ci95"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_host_refused_the_run_directory_stops_every_host(tmp_path):
+    """Where host 0 finds the run directory held by another process, both hosts stop with an error
+    saying so (host 1 used to wait 30 s for host 0, then end in a Gloo traceback)."""
+    import fcntl
+
+    from fsl_jax.config import dump_config, load_config
+
+    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
+    run.mkdir()
+    config_path.write_text(dump_config(load_config(None, ["episode.tasks=2", "backbone_options={width: 16}", f"out={run}"])))
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=120)
+    assert code0 == 1 and f"another process (pid 4242) is training into {run}" in err0, err0[-3000:]
+    assert code1 == 1 and f"host 0 could not take its lock on {run}" in err1, err1[-3000:]
+    assert not (run / "config.yaml").exists()  # the held run is left as it was
 
 
 def test_distributed_training_outside_a_cluster_says_what_to_give(tmp_path):
