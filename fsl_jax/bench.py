@@ -44,6 +44,7 @@ def add_arguments(parser) -> list:
 def bench_train(args) -> dict:
     """Sampler episodes/s next to training-step episodes/s for a config: is sampling the bottleneck?"""
     from fsl_jax.config import load_config
+    from fsl_jax.meta.parallel import stack_batches
     from fsl_jax.train import Experiment, make_train_steps
 
     if args.steps < 1:
@@ -59,7 +60,7 @@ def bench_train(args) -> dict:
 
     def call(i):
         nonlocal params, opt_state
-        batches = jax.tree.map(lambda *xs: np.stack(xs), *[sampler.sample(i * per_call + j) for j in range(per_call)])
+        batches = stack_batches([sampler.sample(i * per_call + j) for j in range(per_call)])
         start = time.perf_counter()
         params, opt_state, losses, _ = steps(params, opt_state, batches, jax.random.split(key, per_call))
         losses.block_until_ready()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from fsl_jax.config import check, complete, dump_config, run_config
 from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
-from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, task_mesh
+from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, stack_batches, task_mesh
 from fsl_jax.methods import SEGMENTERS, make_learner
 from fsl_jax.outputs import write_replacing
 from fsl_jax.tasks import load_task
@@ -486,7 +486,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 last = min([first + per_call - 1, end] + [-(-first // m) * m for m in every])
                 t0 = time.perf_counter()
                 chunk = [sampler.sample(step * hosts + host) for step in range(first, last + 1)]
-                batches = jax.tree.map(lambda *xs: np.stack(xs), *chunk)
+                batches = stack_batches(chunk)
                 if mesh is not None:
                     batches = shard_tasks(batches, mesh, axis=1)
                 t1 = time.perf_counter()  # the sampler's time ends here: the keys below are the step's

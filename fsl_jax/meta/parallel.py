@@ -104,8 +104,9 @@ def sharded_loss(loss: Callable, mesh: Mesh) -> Callable:
 BATCHES = "batches"  # the mesh axis of evaluation's batches (one per local device)
 
 
-def _stack(*xs):
-    return np.stack(xs)
+def stack_batches(batches):
+    """Batches (pytrees of equal shapes) stacked along a new leading axis, as numpy arrays."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,7 +156,7 @@ def map_batches(fn: Callable, params, sampler, batches: int, progress: bool = Fa
             drawn += drawn[-1:] * (width - len(drawn))  # the last group's idle devices repeat a batch, dropped
             keys = [jax.random.PRNGKey(i) for i in indices]
             keys += keys[-1:] * (width - len(keys))
-            pending.append((len(indices), run(local, jax.device_put(jax.tree.map(_stack, *drawn), stacked),
+            pending.append((len(indices), run(local, jax.device_put(stack_batches(drawn), stacked),
                                               jax.device_put(np.stack(keys), stacked))))
             if len(pending) > 1:  # dispatch is asynchronous: the next group is drawn while this one runs
                 collect()
@@ -165,6 +166,6 @@ def map_batches(fn: Callable, params, sampler, batches: int, progress: bool = Fa
         return results
     longest = max(len(o) for o in owned)
     padded = results + [results[-1]] * (longest - len(results))
-    gathered = multihost_utils.process_allgather(jax.tree.map(_stack, *padded))  # [host, k, ...]
+    gathered = multihost_utils.process_allgather(stack_batches(padded))  # [host, k, ...]
     where = {index: (h, k) for h, indices in enumerate(owned) for k, index in enumerate(indices)}
     return [jax.tree.map(lambda x: x[where[i]], gathered) for i in range(batches)]
