@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -229,13 +230,24 @@ def main(argv=None) -> int:
         result = args.func(args)
     except (FslJaxError, OSError) as err:  # OSError: a path that cannot be read or written, named by it
         print(f"fsl-jax: error: {err}", file=sys.stderr)
-        return 1
+        return _failed(1)
     except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (train's says how its run resumes), not a traceback
         print(f"fsl-jax: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
-        return 130
+        return _failed(130)
     result.setdefault("seconds", round(time.perf_counter() - start, 2))
     print(json.dumps(_strict(result)))
     return 0
+
+
+def _failed(code: int) -> int:
+    """The exit status of a failed command. A host of a several-host run leaves at once: jax's exit
+    would wait minutes at a shutdown barrier for the hosts that stopped with it, then abort."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _strict(value):

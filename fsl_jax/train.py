@@ -20,6 +20,8 @@ import json
 import math
 import os
 import re
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -384,6 +386,70 @@ def _exclusive(run_dir: Path, host: int, hosts: int):
         yield
 
 
+_STOPPED = "fsl_jax/train/stopped"  # the coordination service's key a host sets when its training stops early
+
+
+@contextlib.contextmanager
+def _stop_together(host: int, hosts: int):
+    """On several hosts, a host whose training stops early (an error, Ctrl-C) makes every host stop
+    at once, each saying which host stopped and why; the others used to wait in their next
+    collective for minutes, until jax's heartbeat timeout aborted them with a stack trace.
+
+    The stopping host first finishes as one host would (the others are still there for a checkpoint
+    being written), then sets a key in jax's coordination service. A watcher thread on each other
+    host waits for that key, then writes the reason and ends its process (``os._exit``: its main
+    thread is blocked in a collective it cannot leave); host 0, which runs the service, ends last.
+    A checkpoint the others were writing is left unfinished, and orbax ignores it: the run resumes
+    from the one before. A host killed outright says nothing: jax's heartbeat check ends the others
+    (at once where it was host 0, which runs the service; after its heartbeat timeout otherwise).
+    """
+    if hosts == 1:
+        yield
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize connected; jax has no public handle
+
+    client, stopping, finished = distributed.global_state.client, threading.Event(), threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            try:
+                stopper, why = client.blocking_key_value_get(_STOPPED, 1000).split("\n", 1)
+            except Exception as error:  # a second without word, or the service has ended (with host 0)
+                if "DEADLINE_EXCEEDED" in str(error):
+                    continue
+                return
+            client.key_value_set(f"{_STOPPED}/seen/{host}", "")
+            if stopping.is_set():  # this host is stopping too, and says why itself
+                return
+            sys.stderr.write(f"fsl-jax: error: {why}; host {host} stops too: the run resumes from its last "
+                             "checkpoint with the same command\n")
+            sys.stderr.flush()
+            if host == 0 and stopper != "0":
+                time.sleep(2.0)  # the stopper's last words: the service ends with this process
+            os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="fsl_jax-stop-together", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except BaseException as error:
+        stopping.set()
+        why = "was interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else f"stopped ({error})"
+        try:
+            client.key_value_set(_STOPPED, f"{host}\nhost {host} {why}")
+        except Exception:  # another host stopped first and has said so
+            pass
+        for other in range(1, hosts) if host == 0 else ():  # host 0's end takes the service with it
+            try:
+                client.blocking_key_value_get(f"{_STOPPED}/seen/{other}", 10_000)
+            except Exception:
+                break
+        raise
+    finally:  # a thread still waiting in the service when the process exits would abort it
+        finished.set()
+        watcher.join()
+
+
 def split_over_devices(tasks_per_host: int, learner: Learner) -> bool:
     """Whether training splits each batch's tasks over all devices (a 1-D task mesh).
 
@@ -438,7 +504,8 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     primary = host == 0  # the host that writes the run's config, metrics and pictures
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir, host, hosts), _checkpoint_manager(run_dir, config) as manager:
+    with _exclusive(run_dir, host, hosts), _stop_together(host, hosts), \
+            _checkpoint_manager(run_dir, config) as manager:
         start = manager.latest_step() or 0
         records = read_metrics(run_dir)
         saved = run_dir / "config.yaml"

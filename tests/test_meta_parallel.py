@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -147,9 +150,10 @@ def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
         assert not split_over_devices(3, learner)  # one device: nothing to split, nothing to say
 
 
-def _two_hosts(config_path, timeout=600) -> list[tuple[int, str]]:
+def _two_hosts(config_path, timeout=600, interrupt=None) -> list[tuple[int, str]]:
     """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side;
-    each host's exit status and standard error."""
+    each host's exit status and standard error. interrupt: ``(host, ready)``, Ctrl-C that host as
+    soon as ``ready()`` holds; ``timeout`` then counts from it."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         coordinator = f"localhost:{s.getsockname()[1]}"
@@ -159,6 +163,12 @@ def _two_hosts(config_path, timeout=600) -> list[tuple[int, str]]:
     hosts = [subprocess.Popen(command + ["--host", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     try:
+        if interrupt is not None:
+            host, ready = interrupt
+            while not ready():
+                assert all(h.poll() is None for h in hosts), "a host ended before it was interrupted"
+                time.sleep(0.1)
+            hosts[host].send_signal(signal.SIGINT)
         errors = [host.communicate(timeout=timeout)[1] for host in hosts]
     finally:  # a host left waiting for one that failed
         for host in hosts:
@@ -237,6 +247,28 @@ def test_a_host_refused_the_run_directory_stops_every_host(tmp_path):
     assert code0 == 1 and f"another process (pid 4242) is training into {run}" in err0, err0[-3000:]
     assert code1 == 1 and f"host 0 could not take its lock on {run}" in err1, err1[-3000:]
     assert not (run / "config.yaml").exists()  # the held run is left as it was
+
+
+@pytest.mark.slow
+def test_a_host_interrupted_in_training_stops_every_host(tmp_path):
+    """Ctrl-C on host 1 in the middle of training: within seconds host 1 says where the run resumes
+    from and host 0 says that host 1 was interrupted (host 0 used to wait in a collective for
+    minutes, and host 1 at jax's shutdown, then both aborted); that checkpoint reads back."""
+    from fsl_jax.config import dump_config, load_config
+    from fsl_jax.train import Experiment, read_metrics, restore_params
+
+    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
+    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
+                                "train.steps=100000", "train.log_every=1", "train.checkpoint_every=10",
+                                "eval.every=100000", f"out={run}"])
+    config_path.write_text(dump_config(config))
+    past_a_checkpoint = lambda: any(r["step"] > 12 for r in read_metrics(run)) if (run / "metrics.jsonl").exists() else False
+    (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, past_a_checkpoint))
+    resumes = re.search(r"fsl-jax: interrupted; the run resumes from its last checkpoint \(step (\d+)\)", err1)
+    assert code1 == 130 and resumes, err1[-3000:]
+    assert code0 == 1 and "host 1 was interrupted (Ctrl-C); host 0 stops too" in err0, err0[-3000:]
+    step = int(resumes.group(1))
+    assert step >= 10 and restore_params(run, Experiment(config))[1] == step
 
 
 def test_distributed_training_outside_a_cluster_says_what_to_give(tmp_path):
