@@ -164,6 +164,15 @@ def test_exemplars_too_small_to_see_are_refused_up_front(held_out):
         ClutteredOmniglot(held_out, char_size=8, drawers=range(1, 21))
 
 
+def test_drawings_too_small_to_see_in_any_scene_are_refused_up_front(held_out):
+    # At char_size 4, two held-out drawings have no pixel above the threshold even in the 2x copy,
+    # which enlarged characters are drawn from; at 5 none (the scenes' redraws find the rest).
+    with pytest.raises(DataError, match=r"at char_size=4, 2 drawings in scenes \(character .* drawer \d+, ...\) have "
+                                        r"no pixel above the ink threshold .* raise data.char_size"):
+        OmniglotSceneEpisodes(held_out, char_size=4, drawers=range(1, 21))
+    OmniglotSceneEpisodes(held_out, char_size=5, drawers=range(1, 21))
+
+
 def test_a_scene_that_never_shows_its_target_is_an_error(held_out):
     sampler = OmniglotSceneEpisodes(held_out, char_size=8)
     blank = lambda index: (np.zeros((len(index), 4, 4, 3)), np.zeros((len(index), 4, 4)))

@@ -22,9 +22,9 @@ characters cover, not D full scenes), and "last pasted wins" is a ``maximum.at``
 order. Batch ``index`` depends only on ``(seed, index)``, like the classification sampler.
 A scene or exemplar whose mask comes out empty (a character drawn too small to leave a pixel
 above :data:`INK`: never seen at the default sizes, 2% of scenes at ``char_size`` 8) is drawn
-again, so that no task asks for a character that is not there; a sampler of exemplars that some
-character could never fill (every pixel of its ``char_size`` copy below the threshold) is refused
-when it is made.
+again, so that no task asks for a character that is not there; a sampler where some drawing could
+never be seen (every pixel of the copies it can be drawn from below the threshold: an exemplar's
+``char_size`` copy, a scene's two) is refused when it is made.
 """
 from __future__ import annotations
 
@@ -186,6 +186,19 @@ class _SceneMaker:
         self.drawers = np.sort(chars.drawer_indices(drawers))
         self.glyphs = Glyphs(chars, char_size)
         self.tasks, self.seed, self.scene_size = tasks, seed, scene_size
+        # A scene draws a character from one of its two copies, and bilinear samples never exceed their
+        # copy's pixels: a drawing with no pixel above INK in either copy could never be seen in a scene.
+        self.refuse_faint(chars, self.glyphs.peaks.max(0), "drawings in scenes")
+
+    def refuse_faint(self, chars: CharacterSet, peaks: np.ndarray, what: str) -> None:
+        """A DataError where some drawing's ``peaks`` ([class, drawer]) leave no pixel above the ink
+        threshold for the sampler's drawers: its masks would always come out empty."""
+        faint = np.argwhere(peaks[:, self.drawers] <= INK * 255)
+        if len(faint):
+            c, d = faint[0]
+            raise DataError(f"at char_size={self.glyphs.char_size}, {len(faint)} {what} (character "
+                            f"{chars.alphabets[c]}/{chars.characters[c]} drawer {self.drawers[d] + 1}, ...) have no "
+                            f"pixel above the ink threshold and could never be seen: raise data.char_size")
 
     def scenes(self, rng, targets, target_drawers, levels):
         """One scene per target: ``levels[i]`` distractors (other characters) under target ``i``, drawn
@@ -249,14 +262,8 @@ class ClutteredOmniglot(_SceneMaker):
                             "be able to hold the exemplar's character")
         super().__init__(chars, distractors, tasks, seed, drawers, scene_size, char_size)
         self.exemplar_size, self.balanced = exemplar_size, balanced
-        # An exemplar is drawn unscaled from the char_size copy, and bilinear samples never exceed their
-        # pixels: a copy with no pixel above INK can never be seen, however it is rotated or sheared.
-        faint = np.argwhere(self.glyphs.peaks[1][:, self.drawers] <= INK * 255)
-        if len(faint):
-            c, d = faint[0]
-            raise DataError(f"at char_size={char_size}, {len(faint)} exemplars (character "
-                            f"{chars.alphabets[c]}/{chars.characters[c]} drawer {self.drawers[d] + 1}, ...) have no "
-                            f"pixel above the ink threshold and could never be seen: raise data.char_size")
+        # An exemplar is drawn unscaled from the char_size copy alone: however rotated or sheared.
+        self.refuse_faint(chars, self.glyphs.peaks[1], "exemplars")
 
     def sample(self, index: int) -> SegEpisode:
         """Batch number ``index`` (deterministic in ``(seed, index)``)."""
