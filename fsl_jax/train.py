@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -386,7 +387,7 @@ def _exclusive(run_dir: Path, host: int, hosts: int):
         yield
 
 
-_STOPPED = "fsl_jax/train/stopped"  # the coordination service's key a host sets when its training stops early
+_TRAIN_CALLS = itertools.count()  # each train() of a process: all hosts make the same calls in the same order
 
 
 @contextlib.contextmanager
@@ -409,16 +410,18 @@ def _stop_together(host: int, hosts: int):
     from jax._src import distributed  # the client jax.distributed.initialize connected; jax has no public handle
 
     client, stopping, finished = distributed.global_state.client, threading.Event(), threading.Event()
+    stopped = f"fsl_jax/train/{next(_TRAIN_CALLS)}/stopped"  # the key a host sets when its training stops early
 
     def watch() -> None:
         while not finished.is_set():
             try:
-                stopper, why = client.blocking_key_value_get(_STOPPED, 1000).split("\n", 1)
+                stopper, why = client.blocking_key_value_get(stopped, 1000).split("\n", 1)
             except Exception as error:  # a second without word, or the service has ended (with host 0)
                 if "DEADLINE_EXCEEDED" in str(error):
                     continue
                 return
-            client.key_value_set(f"{_STOPPED}/seen/{host}", "")
+            with contextlib.suppress(Exception):  # the service may be ending
+                client.key_value_set(f"{stopped}/seen/{host}", "")
             if stopping.is_set():  # this host is stopping too, and says why itself
                 return
             sys.stderr.write(f"fsl-jax: error: {why}; host {host} stops too: the run resumes from its last "
@@ -435,13 +438,11 @@ def _stop_together(host: int, hosts: int):
     except BaseException as error:
         stopping.set()
         why = "was interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else f"stopped ({error})"
-        try:
-            client.key_value_set(_STOPPED, f"{host}\nhost {host} {why}")
-        except Exception:  # another host stopped first and has said so
-            pass
+        with contextlib.suppress(Exception):  # another host stopped first and has said so
+            client.key_value_set(stopped, f"{host}\nhost {host} {why}")
         for other in range(1, hosts) if host == 0 else ():  # host 0's end takes the service with it
             try:
-                client.blocking_key_value_get(f"{_STOPPED}/seen/{other}", 10_000)
+                client.blocking_key_value_get(f"{stopped}/seen/{other}", 10_000)
             except Exception:
                 break
         raise

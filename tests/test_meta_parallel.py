@@ -150,16 +150,17 @@ def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
         assert not split_over_devices(3, learner)  # one device: nothing to split, nothing to say
 
 
-def _two_hosts(config_path, timeout=600, interrupt=None) -> list[tuple[int, str]]:
+def _two_hosts(config_path, timeout=600, interrupt=None, script=None) -> list[tuple[int, str]]:
     """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side;
     each host's exit status and standard error. interrupt: ``(host, ready)``, Ctrl-C that host as
-    soon as ``ready()`` holds; ``timeout`` then counts from it."""
+    soon as ``ready()`` holds; ``timeout`` then counts from it. script: run this Python program
+    instead, with the same arguments."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         coordinator = f"localhost:{s.getsockname()[1]}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "fsl_jax.cli", "train", "--config", str(config_path), "--no-progress",
-               "--coordinator", coordinator, "--hosts", "2"]
+    program = ["-c", script] if script else ["-m", "fsl_jax.cli", "train", "--no-progress", "--config"]
+    command = [sys.executable, *program, str(config_path), "--coordinator", coordinator, "--hosts", "2"]
     hosts = [subprocess.Popen(command + ["--host", str(i)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     try:
@@ -269,6 +270,37 @@ def test_a_host_interrupted_in_training_stops_every_host(tmp_path):
     assert code0 == 1 and "host 1 was interrupted (Ctrl-C); host 0 stops too" in err0, err0[-3000:]
     step = int(resumes.group(1))
     assert step >= 10 and restore_params(run, Experiment(config))[1] == step
+
+
+TRAIN_AGAIN = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from fsl_jax.cli import _join_hosts
+    from fsl_jax.config import load_config
+    from fsl_jax.errors import ConfigError
+    from fsl_jax.train import train
+
+    root, coordinator, host = Path(sys.argv[1]), sys.argv[3], int(sys.argv[-1])
+    _join_hosts(coordinator, 2, host)
+    base = ["episode.tasks=2", "backbone_options={width: 16}", "train.steps=2", "eval.every=2", "eval.curve_episodes=5"]
+    train(load_config(None, base + [f"out={root / 'a'}"]), progress=False)
+    try:
+        train(load_config(None, base + ["train.seed=1", f"out={root / 'a'}"]), progress=False)
+    except ConfigError as error:
+        assert "holds a run of a different config" in str(error), error
+    else:
+        raise AssertionError("trained another config into run a")
+    train(load_config(None, base + [f"out={root / 'b'}"]), progress=False)
+    print("trained b", file=sys.stderr)
+""")
+
+
+@pytest.mark.slow
+def test_hosts_that_stopped_together_train_again_in_the_same_processes(tmp_path):
+    """A training that stopped on every host (a ConfigError on resumption) leaves no word behind:
+    the next train() of the same processes trains to its end, not stopped by the old word."""
+    for code, err in _two_hosts(tmp_path, timeout=300, script=TRAIN_AGAIN):
+        assert code == 0 and "trained b" in err, err[-3000:]
 
 
 def test_distributed_training_outside_a_cluster_says_what_to_give(tmp_path):
