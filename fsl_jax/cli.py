@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_jax.errors import FslJaxError
+from fsl_jax.errors import FslJaxError, Preempted
 
 
 def cmd_train(args) -> dict:
@@ -228,6 +228,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         result = args.func(args)
+    except Preempted as preempted:  # SIGTERM: the run's checkpoint is written; 128 + SIGTERM, as if killed by it
+        print(f"fsl-jax: {preempted}", file=sys.stderr)
+        return _failed(143)
     except (FslJaxError, OSError) as err:  # OSError: a path that cannot be read or written, named by it
         print(f"fsl-jax: error: {err}", file=sys.stderr)
         return _failed(1)

@@ -29,6 +29,16 @@ class TrainingDiverged(FslJaxError, FloatingPointError):
         super().__init__(f"{what}: training stopped; {kept}")
 
 
+class Preempted(FslJaxError):
+    """Training had notice of preemption (SIGTERM, as cluster schedulers send before they evict a job):
+    it wrote a checkpoint of the step it had reached and stopped; the same command resumes from it."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"preempted (SIGTERM) at step {step}: its checkpoint is written, and the same command "
+                         "resumes the run from it")
+
+
 class ExportError(FslJaxError, ValueError):
     """A model that cannot be exported as asked (an unsupported operation, an output that exists)."""
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fsl_jax.config import check, complete, dump_config, run_config
-from fsl_jax.errors import ConfigError, DataError, TrainingDiverged
+from fsl_jax.errors import ConfigError, DataError, Preempted, TrainingDiverged
 from fsl_jax.learner import Learner, first_task
 from fsl_jax.meta.parallel import replicate, shard_tasks, sharded_loss, stack_batches, task_mesh
 from fsl_jax.methods import SEGMENTERS, make_learner
@@ -451,6 +452,31 @@ def _stop_together(host: int, hosts: int):
         watcher.join()
 
 
+@contextlib.contextmanager
+def _preemption(hosts: int):
+    """``noticed(step) -> bool`` for the block: whether training, having done ``step``, should write
+    a checkpoint and stop because the job had notice of preemption (SIGTERM, which cluster
+    schedulers send before they evict a job, and which would otherwise lose the steps since the
+    last checkpoint). On several hosts it is jax's preemption sync point, the step all hosts agree
+    on after any of them had notice; it must be asked of every step, in order. On one host, a
+    SIGTERM handler for the block (in the main thread, the one signals reach)."""
+    if hosts > 1:
+        from jax._src import distributed
+
+        sync = distributed.global_state.preemption_sync_manager  # None where jax_enable_preemption_service is off
+        yield sync.reached_sync_point if sync is not None else (lambda step: False)
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False
+        return
+    notice = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: notice.set())
+    try:
+        yield lambda step: notice.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def split_over_devices(tasks_per_host: int, learner: Learner) -> bool:
     """Whether training splits each batch's tasks over all devices (a 1-D task mesh).
 
@@ -505,7 +531,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
     primary = host == 0  # the host that writes the run's config, metrics and pictures
     run_dir = Path(config["out"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(run_dir, host, hosts), _stop_together(host, hosts), \
+    with _exclusive(run_dir, host, hosts), _stop_together(host, hosts), _preemption(hosts) as preempted, \
             _checkpoint_manager(run_dir, config) as manager:
         start = manager.latest_step() or 0
         records = read_metrics(run_dir)
@@ -586,15 +612,20 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 if last % config["eval"]["every"] == 0 or last == steps:
                     result = experiment.evaluate(params, eval_sampler, config["eval"]["curve_episodes"], progress=False)
                     log({"step": last, "split": "test", **result})
-                if last % config["train"]["checkpoint_every"] == 0 or last == steps:
+                # every step is asked, in order: on several hosts that is how they agree on one
+                notice = any([preempted(step) for step in range(first, last + 1)]) and last < steps
+                if last % config["train"]["checkpoint_every"] == 0 or last == steps or notice:
                     if _non_finite(params):  # a finite loss, then an update that broke the parameters
                         _wait(manager, run_dir)
                         raise TrainingDiverged(last, None, manager.latest_step())
                     _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir, config)
+                if notice:
+                    _wait(manager, run_dir)
+                    raise Preempted(last)
                 first = last + 1
-        except TrainingDiverged:
+        except (TrainingDiverged, Preempted):
             if primary:
-                plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence
+                plot_curves(run_dir, experiment.task.score)  # the curves up to the divergence or notice
             raise
         except KeyboardInterrupt:  # Ctrl-C: say where the run resumes from (the CLI prints it as one line)
             _wait(manager, run_dir)

@@ -152,8 +152,8 @@ def test_training_splits_tasks_over_devices_or_says_why_not(monkeypatch, hosts):
 
 def _two_hosts(config_path, timeout=600, interrupt=None, script=None) -> list[tuple[int, str]]:
     """``fsl-jax train --config config_path`` as two hosts of two CPU devices each, side by side;
-    each host's exit status and standard error. interrupt: ``(host, ready)``, Ctrl-C that host as
-    soon as ``ready()`` holds; ``timeout`` then counts from it. script: run this Python program
+    each host's exit status and standard error. interrupt: ``(host, ready, signal)``, send that host
+    the signal as soon as ``ready()`` holds; ``timeout`` then counts from it. script: run this Python program
     instead, with the same arguments."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -165,11 +165,11 @@ def _two_hosts(config_path, timeout=600, interrupt=None, script=None) -> list[tu
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     try:
         if interrupt is not None:
-            host, ready = interrupt
+            host, ready, signum = interrupt
             while not ready():
                 assert all(h.poll() is None for h in hosts), "a host ended before it was interrupted"
                 time.sleep(0.1)
-            hosts[host].send_signal(signal.SIGINT)
+            hosts[host].send_signal(signum)
         errors = [host.communicate(timeout=timeout)[1] for host in hosts]
     finally:  # a host left waiting for one that failed
         for host in hosts:
@@ -256,20 +256,46 @@ def test_a_host_interrupted_in_training_stops_every_host(tmp_path):
     from and host 0 says that host 1 was interrupted (host 0 used to wait in a collective for
     minutes, and host 1 at jax's shutdown, then both aborted); that checkpoint reads back."""
     from fsl_jax.config import dump_config, load_config
-    from fsl_jax.train import Experiment, read_metrics, restore_params
+    from fsl_jax.train import Experiment, restore_params
 
     run, config_path = tmp_path / "run", tmp_path / "config.yaml"
     config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
                                 "train.steps=100000", "train.log_every=1", "train.checkpoint_every=10",
                                 "eval.every=100000", f"out={run}"])
     config_path.write_text(dump_config(config))
-    past_a_checkpoint = lambda: any(r["step"] > 12 for r in read_metrics(run)) if (run / "metrics.jsonl").exists() else False
-    (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, past_a_checkpoint))
+    (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, _past(run, 12), signal.SIGINT))
     resumes = re.search(r"fsl-jax: interrupted; the run resumes from its last checkpoint \(step (\d+)\)", err1)
     assert code1 == 130 and resumes, err1[-3000:]
     assert code0 == 1 and "host 1 was interrupted (Ctrl-C); host 0 stops too" in err0, err0[-3000:]
     step = int(resumes.group(1))
     assert step >= 10 and restore_params(run, Experiment(config))[1] == step
+
+
+def _past(run, step):
+    """Whether the run's metrics show a step beyond ``step``."""
+    from fsl_jax.train import read_metrics
+
+    return lambda: (run / "metrics.jsonl").exists() and any(r["step"] > step for r in read_metrics(run))
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
+    """A preemption notice (SIGTERM) on host 1 alone: through jax's preemption sync point both hosts
+    write the checkpoint of the same step (there is no periodic one) and stop, saying so."""
+    from fsl_jax.config import dump_config, load_config
+    from fsl_jax.train import Experiment, restore_params
+
+    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
+    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
+                                "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000",
+                                "eval.every=100000", f"out={run}"])
+    config_path.write_text(dump_config(config))
+    (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, _past(run, 5), signal.SIGTERM))
+    said = re.search(r"fsl-jax: preempted \(SIGTERM\) at step (\d+): its checkpoint is written", err1)
+    assert code1 == 143 and said, err1[-3000:]
+    step = int(said.group(1))
+    assert code0 in (1, 143) and f"preempted (SIGTERM) at step {step}" in err0, err0[-3000:]
+    assert restore_params(run, Experiment(config))[1] == step > 5
 
 
 TRAIN_AGAIN = textwrap.dedent("""

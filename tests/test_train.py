@@ -380,6 +380,48 @@ def test_ctrl_c_says_where_the_run_resumes(tmp_path, monkeypatch, capsys):
         "fsl-jax: interrupted; the run resumes from its last checkpoint (step 3) with the same command")
 
 
+def test_sigterm_writes_a_checkpoint_of_the_step_reached_and_stops(tmp_path, monkeypatch, capsys):
+    """A preemption notice (SIGTERM, from a cluster scheduler) during step 4 of `fsl-jax train`:
+    it writes the checkpoint of step 4 (not only the periodic one of step 3), says so, exits 143,
+    and gives SIGTERM its handler back; the run then resumes from step 4 to the uninterrupted result."""
+    import signal
+
+    import fsl_jax.train as train_module
+
+    make_train_steps = train_module.make_train_steps
+
+    def notice_during_step_4(*args):
+        steps = make_train_steps(*args)
+        calls = []
+
+        def call(*inputs):
+            calls.append(1)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return steps(*inputs)
+        return call
+
+    monkeypatch.setattr(train_module, "make_train_steps", notice_during_step_4)
+    before = signal.getsignal(signal.SIGTERM)
+    config = tmp_path / "c.yaml"
+    config.write_text("method: protonet\n")
+    args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fsl-jax: preempted (SIGTERM) at step 4: its checkpoint is written, and the same command resumes the run from it")
+    assert signal.getsignal(signal.SIGTERM) is before
+    same = lambda out: load_config(config, TINY + [f"out={tmp_path / out}"])
+    experiment = Experiment(same("run"))
+    assert restore_params(tmp_path / "run", experiment)[1] == 4
+    monkeypatch.setattr(train_module, "make_train_steps", make_train_steps)
+    resumed, _ = restore_params(train(same("run"), progress=False), experiment)
+    whole, _ = restore_params(train(same("whole"), progress=False), experiment)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_a_moved_run_resumes(tmp_path):
     """Where a run and its data lie (out, data.dir) is not what the run is: moved, it resumes, its
     checkpoint's record of the config that trained it still agreeing."""
