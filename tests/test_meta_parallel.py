@@ -255,20 +255,27 @@ def test_a_host_interrupted_in_training_stops_every_host(tmp_path):
     """Ctrl-C on host 1 in the middle of training: within seconds host 1 says where the run resumes
     from and host 0 says that host 1 was interrupted (host 0 used to wait in a collective for
     minutes, and host 1 at jax's shutdown, then both aborted); that checkpoint reads back."""
-    from fsl_jax.config import dump_config, load_config
     from fsl_jax.train import Experiment, restore_params
 
-    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
-    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
-                                "train.steps=100000", "train.log_every=1", "train.checkpoint_every=10",
-                                "eval.every=100000", f"out={run}"])
-    config_path.write_text(dump_config(config))
+    run, config, config_path = _endless_run(tmp_path, checkpoint_every=10)
     (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, _past(run, 12), signal.SIGINT))
     resumes = re.search(r"fsl-jax: interrupted; the run resumes from its last checkpoint \(step (\d+)\)", err1)
     assert code1 == 130 and resumes, err1[-3000:]
     assert code0 == 1 and "host 1 was interrupted (Ctrl-C); host 0 stops too" in err0, err0[-3000:]
     step = int(resumes.group(1))
     assert step >= 10 and restore_params(run, Experiment(config))[1] == step
+
+
+def _endless_run(tmp_path, checkpoint_every):
+    """A run directory, config and its file for two hosts to train until they are stopped."""
+    from fsl_jax.config import dump_config, load_config
+
+    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
+    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
+                                "train.steps=100000", "train.log_every=1", f"train.checkpoint_every={checkpoint_every}",
+                                "eval.every=100000", f"out={run}"])
+    config_path.write_text(dump_config(config))
+    return run, config, config_path
 
 
 def _past(run, step):
@@ -282,14 +289,9 @@ def _past(run, step):
 def test_sigterm_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
     """A preemption notice (SIGTERM) on host 1 alone: through jax's preemption sync point both hosts
     write the checkpoint of the same step (there is no periodic one) and stop, saying so."""
-    from fsl_jax.config import dump_config, load_config
     from fsl_jax.train import Experiment, restore_params
 
-    run, config_path = tmp_path / "run", tmp_path / "config.yaml"
-    config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
-                                "train.steps=100000", "train.log_every=1", "train.checkpoint_every=100000",
-                                "eval.every=100000", f"out={run}"])
-    config_path.write_text(dump_config(config))
+    run, config, config_path = _endless_run(tmp_path, checkpoint_every=100000)
     (code0, err0), (code1, err1) = _two_hosts(config_path, timeout=60, interrupt=(1, _past(run, 5), signal.SIGTERM))
     said = re.search(r"fsl-jax: preempted \(SIGTERM\) at step (\d+): its checkpoint is written", err1)
     assert code1 == 143 and said, err1[-3000:]

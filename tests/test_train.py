@@ -349,29 +349,42 @@ def test_a_failed_checkpoint_write_is_named_and_the_run_resumes(tmp_path):
     assert restore_params(train(config, progress=False), Experiment(config))[1] == 6
 
 
-def test_ctrl_c_says_where_the_run_resumes(tmp_path, monkeypatch, capsys):
-    """Ctrl-C in `fsl-jax train` prints one line naming the checkpoint the run resumes from, and exits 130."""
-    import fsl_jax.train as train_module
-
-    make_train_steps = train_module.make_train_steps
-
-    def interrupted_at_step_5(*args):
-        steps = make_train_steps(*args)
-        calls = []
-
-        def call(*inputs):
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt
-            return steps(*inputs)
-        return call
-
-    monkeypatch.setattr(train_module, "make_train_steps", interrupted_at_step_5)
+def _cli_train(tmp_path):
+    """A protonet config file and the `fsl-jax train` arguments that train it, TINY, into tmp_path/run."""
     config = tmp_path / "c.yaml"
     config.write_text("method: protonet\n")
     args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
     for item in TINY:
         args += ["--set", item]
+    return config, args
+
+
+def _at_call(monkeypatch, number, happen):
+    """Have ``happen()`` run as training calls its compiled steps for the ``number``-th time."""
+    import fsl_jax.train as train_module
+
+    make_train_steps = train_module.make_train_steps
+
+    def patched(*args):
+        steps, calls = make_train_steps(*args), []
+
+        def call(*inputs):
+            calls.append(1)
+            if len(calls) == number:
+                happen()
+            return steps(*inputs)
+        return call
+
+    monkeypatch.setattr(train_module, "make_train_steps", patched)
+
+
+def test_ctrl_c_says_where_the_run_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in `fsl-jax train` prints one line naming the checkpoint the run resumes from, and exits 130."""
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    _at_call(monkeypatch, 5, ctrl_c)
+    config, args = _cli_train(tmp_path)
     try:
         assert main(args) == 130
     except KeyboardInterrupt:  # escaping, it would stop the test session
@@ -386,28 +399,9 @@ def test_sigterm_writes_a_checkpoint_of_the_step_reached_and_stops(tmp_path, mon
     and gives SIGTERM its handler back; the run then resumes from step 4 to the uninterrupted result."""
     import signal
 
-    import fsl_jax.train as train_module
-
-    make_train_steps = train_module.make_train_steps
-
-    def notice_during_step_4(*args):
-        steps = make_train_steps(*args)
-        calls = []
-
-        def call(*inputs):
-            calls.append(1)
-            if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return steps(*inputs)
-        return call
-
-    monkeypatch.setattr(train_module, "make_train_steps", notice_during_step_4)
+    _at_call(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
-    config = tmp_path / "c.yaml"
-    config.write_text("method: protonet\n")
-    args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
-    for item in TINY:
-        args += ["--set", item]
+    config, args = _cli_train(tmp_path)
     assert main(args) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fsl-jax: preempted (SIGTERM) at step 4: its checkpoint is written, and the same command resumes the run from it")
@@ -415,7 +409,7 @@ def test_sigterm_writes_a_checkpoint_of_the_step_reached_and_stops(tmp_path, mon
     same = lambda out: load_config(config, TINY + [f"out={tmp_path / out}"])
     experiment = Experiment(same("run"))
     assert restore_params(tmp_path / "run", experiment)[1] == 4
-    monkeypatch.setattr(train_module, "make_train_steps", make_train_steps)
+    monkeypatch.undo()
     resumed, _ = restore_params(train(same("run"), progress=False), experiment)
     whole, _ = restore_params(train(same("whole"), progress=False), experiment)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
@@ -457,11 +451,7 @@ def test_a_config_that_fails_leaves_no_run_directory_behind(tmp_path):
 
 
 def test_cli_train_then_eval_prints_json(tmp_path, capsys):
-    config = tmp_path / "c.yaml"
-    config.write_text("method: protonet\n")
-    args = ["train", "--config", str(config), "--no-progress", "--set", f"out={tmp_path / 'run'}"]
-    for item in TINY:
-        args += ["--set", item]
+    config, args = _cli_train(tmp_path)
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"] == str(tmp_path / "run")
     assert main(["eval", "--run", str(tmp_path / "run"), "--ways", "3", "--shots", "2", "--episodes", "12", "--no-progress"]) == 0
