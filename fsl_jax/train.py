@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax._src import distributed  # the coordination client and preemption sync manager that
+# jax.distributed.initialize made: jax has no public handle to them
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -408,8 +410,6 @@ def _stop_together(host: int, hosts: int):
     if hosts == 1:
         yield
         return
-    from jax._src import distributed  # the client jax.distributed.initialize connected; jax has no public handle
-
     client, stopping, finished = distributed.global_state.client, threading.Event(), threading.Event()
     stopped = f"fsl_jax/train/{next(_TRAIN_CALLS)}/stopped"  # the key a host sets when its training stops early
 
@@ -461,8 +461,6 @@ def _preemption(hosts: int):
     on after any of them had notice; it must be asked of every step, in order. On one host, a
     SIGTERM handler for the block (in the main thread, the one signals reach)."""
     if hosts > 1:
-        from jax._src import distributed
-
         sync = distributed.global_state.preemption_sync_manager  # None where jax_enable_preemption_service is off
         yield sync.reached_sync_point if sync is not None else (lambda step: False)
         return
