@@ -314,6 +314,32 @@ def test_layout_aware_matmul_matches_matmul_to_second_order():
                          derivatives(matmul, a, b), derivatives(jnp.matmul, a, b))
 
 
+def test_shift_pair_matches_plain_shifts_to_second_order():
+    """``shift_stack`` and ``shift_sum`` (the convolution's shifted copies, with hand-stated
+    transposes) have the values, gradients and gradients of gradients of the same shifts written
+    in plain JAX, along either axis, for a centred and an uneven set of offsets."""
+    from fsl_jax.nets.layers import _shift, shift_stack, shift_sum
+
+    plain_stack = lambda x, offsets, axis: jnp.concatenate([_shift(x, o, axis) for o in offsets], -1)
+    plain_sum = lambda z, offsets, axis: sum(_shift(b, o, axis) for b, o in zip(jnp.split(z, len(offsets), -1), offsets))
+
+    def derivatives(op, x, offsets, axis):
+        y = op(x, offsets, axis)
+        weights = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)  # every output position counts
+        f = lambda x: jnp.sum(jnp.sin(op(x, offsets, axis)) * weights)
+        g = lambda x: jnp.sum(jnp.cos(jax.grad(f)(x)) * x)  # a function of a gradient
+        return y, jax.grad(f)(x), jax.grad(g)(x)
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 4), jnp.float64)
+        for offsets in ((-1, 0, 1), (-2, 0, 1)):
+            for axis in (1, 2):
+                stacked = jax.random.normal(jax.random.PRNGKey(1), x.shape[:-1] + (4 * len(offsets),), jnp.float64)
+                for ours, plain, arg in ((shift_stack, plain_stack, x), (shift_sum, plain_sum, stacked)):
+                    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                                 derivatives(ours, arg, offsets, axis), derivatives(plain, arg, offsets, axis))
+
+
 @pytest.mark.parametrize("learn_inner_lr", [False, True])
 def test_float64_mode_keeps_a_float32_model_in_float32(learn_inner_lr):
     """With ``jax_enable_x64`` on, float32 data and a freshly initialised model train in float32:

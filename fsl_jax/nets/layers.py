@@ -1,6 +1,8 @@
 """Layers shared by the backbones and decoders."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -52,7 +54,8 @@ class Conv(nn.Module):
     the results agree with ``nn.Conv`` to float rounding. Other backends use
     ``lax.conv_general_dilated`` as ``nn.Conv`` does.
 
-    The products' gradients are a ``jax.custom_vjp`` (:func:`matmul`), so on CPU this layer has
+    The gradients of its products and shifts are ``jax.custom_vjp`` rules (:func:`matmul`,
+    :func:`shift_stack`), so on CPU this layer has
     reverse-mode derivatives of every order (``jax.grad`` of ``jax.grad``: second-order MAML,
     Hessian-vector products) but no forward mode: ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian``
     through it fail. Models that need forward mode on CPU take ``im2col=False`` (see :func:`conv`).
@@ -101,20 +104,57 @@ def _im2col_conv(x, kernel):
     either way, to float rounding. A ``jit`` of this name is what ``bridges`` exports as a Conv2D.
     """
     kh, kw, c, out = kernel.shape
-    h, w = x.shape[-3:-1]
-    lead = [(0, 0)] * (x.ndim - 3)
-    if kh * out >= (kh - 1) * kw * c:  # full im2col writes fewer values (or a 1x1 kernel: no copies)
-        if (kh, kw) == (1, 1):
-            return matmul(x, kernel[0, 0])
-        padded = jnp.pad(x, lead + [(kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)])
-        columns = jnp.concatenate([padded[..., i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
+    rows, cols = x.ndim - 3, x.ndim - 2
+    if (kh, kw) == (1, 1):
+        return matmul(x, kernel[0, 0])
+    if kh * out >= (kh - 1) * kw * c:  # full im2col writes fewer values
+        columns = shift_stack(shift_stack(x, _offsets(kw), cols), _offsets(kh), rows)
         return matmul(columns, kernel.reshape(kh * kw * c, out))
-    padded = jnp.pad(x, lead + [(0, 0), (kw // 2, kw // 2), (0, 0)])
-    columns = jnp.concatenate([padded[..., j:j + w, :] for j in range(kw)], -1)
-    rows = matmul(columns, kernel.reshape(kh, kw * c, out).transpose(1, 0, 2).reshape(kw * c, kh * out))
-    rows = jnp.pad(rows, lead + [(kh // 2, kh // 2), (0, 0), (0, 0)])
-    shifted = [rows[..., i:i + h, :, i * out:(i + 1) * out] for i in range(kh)]
-    return sum(shifted[1:], shifted[0])
+    columns = shift_stack(x, _offsets(kw), cols)
+    row_outputs = matmul(columns, kernel.reshape(kh, kw * c, out).transpose(1, 0, 2).reshape(kw * c, kh * out))
+    return shift_sum(row_outputs, _offsets(kh), rows)
+
+
+def _offsets(size: int) -> tuple[int, ...]:
+    """The taps of a centred kernel of odd ``size``: -size//2 .. size//2."""
+    return tuple(range(-(size // 2), size // 2 + 1))
+
+
+def _shift(x, offset: int, axis: int):
+    """``x`` moved along ``axis``: ``out[p] = x[p + offset]``, zeros where that is outside."""
+    n = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (max(-offset, 0), max(offset, 0))
+    return jax.lax.slice_in_dim(jnp.pad(x, pad), max(offset, 0), max(offset, 0) + n, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def shift_stack(x, offsets: tuple[int, ...], axis: int):
+    """The shifts of ``x`` [..., C] by each offset along ``axis``, side by side: [..., len(offsets)*C].
+
+    This and :func:`shift_sum` are each other's transposes, stated as such (a ``jax.custom_vjp``
+    pair): JAX's own transpose of the shifts pads every cotangent block to the full width and adds
+    the padded copies, which XLA's CPU backend wrote out in full, the slowest memory-bound work of
+    a second-order MAML step (``experiments/profile_maml.py``); this pair writes each gradient once.
+    """
+    return jnp.concatenate([_shift(x, o, axis) for o in offsets], -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def shift_sum(z, offsets: tuple[int, ...], axis: int):
+    """The sum over blocks of ``z`` [..., len(offsets)*C], block i shifted by ``offsets[i]`` along ``axis``."""
+    blocks = jnp.split(z, len(offsets), -1)
+    return sum((_shift(b, o, axis) for b, o in zip(blocks[1:], offsets[1:])), _shift(blocks[0], offsets[0], axis))
+
+
+def _reversed(offsets):
+    return tuple(-o for o in offsets)
+
+
+shift_stack.defvjp(lambda x, offsets, axis: (shift_stack(x, offsets, axis), None),
+                   lambda offsets, axis, _, g: (shift_sum(g, _reversed(offsets), axis),))
+shift_sum.defvjp(lambda z, offsets, axis: (shift_sum(z, offsets, axis), None),
+                 lambda offsets, axis, _, g: (shift_stack(g, _reversed(offsets), axis),))
 
 
 @jax.custom_vjp
