@@ -15,7 +15,7 @@ from fsl_jax.meta import adapt, maml, param_mask, reptile
 from fsl_jax.meta.maml import MetaClassifier, softmax_cross_entropy
 from fsl_jax.methods import METHODS
 from fsl_jax.nets import Conv4
-from fsl_jax.nets.layers import BatchNorm, Conv, max_pool
+from fsl_jax.nets.layers import BatchNorm, Conv, NormReluPool, max_pool
 from fsl_jax.train import make_train_step
 
 TINY = Conv4(width=4, blocks=2)
@@ -237,6 +237,34 @@ def test_conv4_has_no_bias_because_batchnorm_cancels_it():
     np.testing.assert_allclose(own(biased), own(plain), atol=1e-4)
     np.testing.assert_allclose(recorded(biased), recorded(plain), atol=1e-4)
     assert not np.allclose(conv.apply(biased, x), conv.apply(plain, x), atol=1e-2)
+
+
+def test_norm_relu_pool_is_batchnorm_relu_max_pool_to_second_order():
+    """``NormReluPool`` pools before it normalises; it has BatchNorm's parameters and statistics,
+    and the values, gradients and gradients of gradients of ``max_pool(relu(BatchNorm(x)))``,
+    with the batch's own statistics and with recorded ones, for negative scales too (float64; odd
+    sizes crop as max_pool does)."""
+    fused, norm = NormReluPool(), BatchNorm()
+    unfused = lambda variables, x: max_pool(nn.relu(norm.apply(variables, x)))
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 6, 8), jnp.float64)
+        params = fused.init(jax.random.PRNGKey(1), x)["params"]
+        assert jax.tree.structure(params) == jax.tree.structure(norm.init(jax.random.PRNGKey(1), x)["params"])
+        params = {"scale": jnp.linspace(-2.0, 2.0, 8).at[3].set(0.5), "bias": jnp.linspace(0.3, -0.4, 8)}
+        _, stats = fused.apply({"params": params}, x, mutable=["norm_stats"])
+        _, unfused_stats = norm.apply({"params": params}, x, mutable=["norm_stats"])
+        jax.tree.map(np.testing.assert_array_equal, stats, unfused_stats)
+        weights = jnp.cos(jnp.arange(3 * 3 * 3 * 8, dtype=jnp.float64)).reshape(3, 3, 3, 8)
+
+        def derivatives(apply, variables):
+            f = lambda p, x: jnp.sum(jnp.sin(apply({**variables, "params": p}, x)) * weights)
+            g = lambda p, x: sum(jnp.sum(jnp.cos(d)) for d in jax.tree.leaves(jax.grad(f, (0, 1))(p, x)))
+            return apply(variables, x), jax.grad(f, (0, 1))(params, x), jax.grad(g, (0, 1))(params, x)
+
+        for variables in ({"params": params}, {"params": params, **stats}):
+            ours, reference = derivatives(fused.apply, variables), derivatives(unfused, variables)
+            assert np.mean(np.asarray(ours[0]) > 0) > 0.2  # the ReLU passes some and stops others
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), ours, reference)
 
 
 def test_im2col_false_gives_forward_mode_through_the_same_model():

@@ -7,7 +7,7 @@ import flax.linen as nn
 
 from fsl_jax.learner import Learner, accuracy, init_params
 from fsl_jax.metric.common import embed_task, one_hot_support
-from fsl_jax.nets.layers import BatchNorm, max_pool
+from fsl_jax.nets.layers import BatchNorm, NormReluPool
 
 
 class RelationModule(nn.Module):
@@ -21,9 +21,10 @@ class RelationModule(nn.Module):
         x = pairs
         for i in range(2):
             x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i}")(x)
-            x = nn.relu(BatchNorm(name=f"norm{i}")(x))
             if min(x.shape[1:3]) >= 2:  # small maps (a deeply pooled encoder) stop pooling at 1x1
-                x = max_pool(x)
+                x = NormReluPool(name=f"norm{i}")(x)
+            else:
+                x = nn.relu(BatchNorm(name=f"norm{i}")(x))
         x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
         return nn.sigmoid(nn.Dense(1)(x))[:, 0]
 

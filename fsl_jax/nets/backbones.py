@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from fsl_jax.nets.decoders import UNet
-from fsl_jax.nets.layers import BatchNorm, conv, max_pool
+from fsl_jax.nets.layers import BatchNorm, NormReluPool, conv, max_pool
 
 
 class Conv4(nn.Module):
@@ -30,9 +30,7 @@ class Conv4(nn.Module):
     def __call__(self, x):
         for i in range(self.blocks):
             x = conv(self.width, 3, self.im2col, f"conv{i}", use_bias=False)(x)
-            x = nn.relu(BatchNorm(name=f"norm{i}")(x))
-            if i < self.pooled_blocks:
-                x = max_pool(x)
+            x = NormReluPool(name=f"norm{i}")(x) if i < self.pooled_blocks else nn.relu(BatchNorm(name=f"norm{i}")(x))
         return x
 
 
