@@ -185,9 +185,15 @@ def _train_on_two_hosts(config_path):
 @pytest.mark.slow
 def test_two_hosts_train_one_run(tmp_path):
     """`fsl-jax train --hosts 2` on two hosts trains one run into one directory: host i draws the
-    sampler's batch 2*step+i (not both the same tasks), the checkpoints hold the parameters of those
-    steps taken on one device, read back on one device, and the two hosts resume from them; the
-    hosts split the evaluation's batches and log the scores one host gives."""
+    sampler's batch 2*step+i (not both the same tasks), each checkpoint holds the parameters of one
+    step from the one before taken on those tasks on one device, read back on one device, and the
+    two hosts resume from them; the hosts split the evaluation's batches and log the scores one
+    host gives.
+
+    Each checkpoint is checked against one step from the one before, not the whole run against a
+    run on one device: Omniglot's binary strokes give pooling windows that tie exactly, so the
+    gradient jumps where float rounding (which differs between one device and four) breaks a tie;
+    six steps of SGD at a rate of 0.1 grew that to 1.5e-3 in the parameters, though each step agrees."""
     import shutil
 
     import jax
@@ -198,30 +204,36 @@ def test_two_hosts_train_one_run(tmp_path):
 
     run, config_path = tmp_path / "run", tmp_path / "config.yaml"
     config = load_config(None, ["episode.ways=5", "episode.queries=5", "episode.tasks=2", "backbone_options={width: 16}",
-                                "optim.name=sgd", "optim.lr=0.1", "train.steps=6", "train.log_every=1",
-                                "train.checkpoint_every=3", "eval.every=3", "eval.curve_episodes=25", f"out={run}"])
+                                "optim.name=sgd", "optim.lr=0.02", "train.steps=6", "train.log_every=1",
+                                "train.checkpoint_every=1", "train.keep_checkpoints=6", "eval.every=3",
+                                "eval.curve_episodes=25", f"out={run}"])
     config_path.write_text(dump_config(config))
     experiment = Experiment(config)
     train_step, sampler = make_train_step(experiment.learner, experiment.optimiser), experiment.train_sampler
-    init = expected = experiment.init_params()
-    opt_state = experiment.optimiser.init(expected)
-    for step in range(1, 7):
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+
+    def one_step(params, step):  # plain SGD: no optimiser state to carry between steps
         batch = jax.tree.map(lambda *xs: np.concatenate(xs), sampler.sample(2 * step), sampler.sample(2 * step + 1))
         rng = jax.random.fold_in(jax.random.PRNGKey(0), step)  # train.seed 0
-        expected, opt_state, _, _ = train_step(expected, opt_state, batch, rng)
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-    assert np.abs(flat(expected) - flat(init)).max() > 1e-3  # six steps do move the parameters
+        return train_step(params, experiment.optimiser.init(params), batch, rng)[0]
+
+    def assert_steps(steps):
+        for step in steps:
+            before = experiment.init_params() if step == 1 else restore_params(run, experiment, step - 1)[0]
+            params, _ = restore_params(run, experiment, step)
+            assert np.abs(flat(params) - flat(before)).max() > 1e-3, step  # a step does move the parameters
+            assert np.abs(flat(params) - flat(one_step(before, step))).max() < 1e-5, step
 
     _train_on_two_hosts(config_path)
     records = read_metrics(run)
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # written once, by host 0
     assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]
-    params, step = restore_params(run, experiment)
-    assert step == 6 and np.abs(flat(params) - flat(expected)).max() < 1e-5
-    shutil.rmtree(run / "checkpoints" / "6")  # back to step 3: the hosts resume from it
+    assert_steps(range(1, 7))
+    shutil.rmtree(run / "checkpoints" / "6")  # back to step 5: the hosts resume from it
     _train_on_two_hosts(config_path)
     params, step = restore_params(run, experiment)
-    assert step == 6 and np.abs(flat(params) - flat(expected)).max() < 1e-5
+    assert step == 6
+    assert_steps([6])
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     logged = [r for r in read_metrics(run) if r["split"] == "test"][-1]  # batches 0 and 2 on host 0, 1 on host 1
     alone = experiment.evaluate(params, experiment.eval_sampler(), 25, progress=False)
