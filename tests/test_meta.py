@@ -267,6 +267,36 @@ def test_norm_relu_pool_is_batchnorm_relu_max_pool_to_second_order():
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), ours, reference)
 
 
+def test_conv_moments_are_batchnorm_statistics_to_second_order():
+    """``Conv(moments=True)`` gives BatchNorm the statistics of the convolution's output from its
+    columns (Conv4's first block): the same values, gradients and gradients of gradients, for
+    the parameters and the input, as statistics taken from the output (float64). Layers that are
+    not full im2col, or have a bias, offer none."""
+    conv, norm = Conv(8, (3, 3), use_bias=False, moments=True), NormReluPool()
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 6, 2), jnp.float64)
+        kernel = conv.init(jax.random.PRNGKey(1), x)["params"]["kernel"].astype(jnp.float64)
+        params = {"kernel": kernel, "scale": jnp.linspace(-2.0, 2.0, 8), "bias": jnp.linspace(0.3, -0.4, 8)}
+        weights = jnp.cos(jnp.arange(3 * 3 * 3 * 8, dtype=jnp.float64)).reshape(3, 3, 3, 8)
+
+        def block(p, x, from_columns):
+            y, moments = conv.apply({"params": {"kernel": p["kernel"]}}, x)
+            assert moments is not None
+            return norm.apply({"params": {"scale": p["scale"], "bias": p["bias"]}}, y, moments if from_columns else None)
+
+        def derivatives(from_columns):
+            f = lambda p, x: jnp.sum(jnp.sin(block(p, x, from_columns)) * weights)
+            g = lambda p, x: sum(jnp.sum(jnp.cos(d)) for d in jax.tree.leaves(jax.grad(f, (0, 1))(p, x)))
+            return block(params, x, from_columns), jax.grad(f, (0, 1))(params, x), jax.grad(g, (0, 1))(params, x)
+
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10),
+                     derivatives(True), derivatives(False))
+    wide, biased = Conv(8, (3, 3), use_bias=False, moments=True), Conv(8, (3, 3), moments=True)
+    x = jnp.ones((1, 5, 5, 8))
+    assert wide.apply(wide.init(jax.random.PRNGKey(0), x), x)[1] is None  # rows apart, not full im2col
+    assert biased.apply(biased.init(jax.random.PRNGKey(0), x[..., :1]), x[..., :1])[1] is None
+
+
 def test_im2col_false_gives_forward_mode_through_the_same_model():
     """``im2col=False`` (XLA's convolutions) has the default backbone's parameters and values, and
     forward mode: its forward-over-reverse Hessian-vector product of the second-order MAML loss

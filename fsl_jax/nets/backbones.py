@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from fsl_jax.nets.decoders import UNet
-from fsl_jax.nets.layers import BatchNorm, NormReluPool, conv, max_pool
+from fsl_jax.nets.layers import BatchNorm, Conv, NormReluPool, conv, max_pool
 
 
 class Conv4(nn.Module):
@@ -14,7 +14,9 @@ class Conv4(nn.Module):
 
     The convolutions have no bias: BatchNorm subtracts the mean of its input, which cancels a
     bias exactly, so it would be a parameter without effect that still costs a pass over the
-    largest activations (and its gradient) in every step.
+    largest activations (and its gradient) in every step. Without one, the first block's
+    BatchNorm takes its batch statistics from the convolution's columns (:class:`Conv`'s
+    ``moments``) instead of from the 28x28x64 activations.
 
     ``pooled_blocks`` keeps pooling in the first blocks only (the Relation Network's encoder
     pools in two), so the feature map stays large enough for a learned comparison.
@@ -29,8 +31,14 @@ class Conv4(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.blocks):
-            x = conv(self.width, 3, self.im2col, f"conv{i}", use_bias=False)(x)
-            x = NormReluPool(name=f"norm{i}")(x) if i < self.pooled_blocks else nn.relu(BatchNorm(name=f"norm{i}")(x))
+            if self.im2col:
+                x, moments = Conv(self.width, (3, 3), use_bias=False, moments=True, name=f"conv{i}")(x)
+            else:
+                x, moments = conv(self.width, 3, False, f"conv{i}", use_bias=False)(x), None
+            if i < self.pooled_blocks:
+                x = NormReluPool(name=f"norm{i}")(x, moments)
+            else:
+                x = nn.relu(BatchNorm(name=f"norm{i}")(x, moments))
         return x
 
 

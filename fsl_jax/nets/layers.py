@@ -25,12 +25,18 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
 
     @nn.compact
-    def __call__(self, x):
-        inv, offset = self.coefficients(x)
+    def __call__(self, x, moments=None):
+        inv, offset = self.coefficients(x, moments)
         return x * inv + offset
 
-    def coefficients(self, x):
-        """``(inv, offset)`` per channel, the normalisation being ``x * inv + offset``."""
+    def coefficients(self, x, moments=None):
+        """``(inv, offset)`` per channel, the normalisation being ``x * inv + offset``.
+
+        ``moments``: ``None``, or a function of no arguments that returns the per-channel mean and
+        mean square of ``x`` over all its other axes computed more cheaply than from ``x`` itself
+        (a :class:`Conv`'s, with ``moments=True``); it is called only where the batch's own
+        statistics are used.
+        """
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -39,8 +45,8 @@ class BatchNorm(nn.Module):
             var = self.get_variable("norm_stats", "var")
         else:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axes)
-            var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+            mean, mean_square = moments() if moments else (jnp.mean(x, axes), jnp.mean(jnp.square(x), axes))
+            var = jnp.maximum(mean_square - jnp.square(mean), 0.0)
             if self.is_mutable_collection("norm_stats") and not self.is_initializing():  # init: parameters only
                 self.put_variable("norm_stats", "mean", mean)
                 self.put_variable("norm_stats", "var", var)
@@ -62,8 +68,8 @@ class NormReluPool(BatchNorm):
     window: int = 2
 
     @nn.compact
-    def __call__(self, x):
-        inv, offset = self.coefficients(x)
+    def __call__(self, x, moments=None):
+        inv, offset = self.coefficients(x, moments)
         sign = jnp.where(inv >= 0, 1, -1).astype(x.dtype)
         return nn.relu(max_pool(x * sign, self.window) * (inv * sign) + offset)
 
@@ -84,11 +90,19 @@ class Conv(nn.Module):
     reverse-mode derivatives of every order (``jax.grad`` of ``jax.grad``: second-order MAML,
     Hessian-vector products) but no forward mode: ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian``
     through it fail. Models that need forward mode on CPU take ``im2col=False`` (see :func:`conv`).
+
+    ``moments=True`` returns ``(y, moments)``: ``moments`` is ``None``, or, where the layer is one
+    matrix product over full im2col columns (few input channels: Conv4's first layer) and has no
+    bias, a function giving the per-channel mean and mean square of ``y`` from the columns' sums
+    and their [kh*kw*C, kh*kw*C] Gram matrix, for :class:`BatchNorm`: the batch statistics, their
+    gradients and their tangents then never pass over ``y`` (the 28x28x64 activations of every
+    query image in a MAML step), only over the far narrower columns.
     """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     use_bias: bool = True
+    moments: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -96,13 +110,16 @@ class Conv(nn.Module):
         if kh % 2 == 0 or kw % 2 == 0:
             raise ValueError(f"Conv needs odd kernel sizes for SAME padding, got {self.kernel_size}")
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1], self.features), jnp.float32)
+        moments = None
         if jax.default_backend() == "cpu":
             y = _im2col_conv(x, kernel)
+            if _full_im2col(kernel.shape) and not self.use_bias:
+                moments = functools.partial(_column_moments, x, kernel)
         else:
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return y
+        return (y, moments) if self.moments else y
 
 
 def conv(features: int, kernel: int, im2col: bool, name: str, use_bias: bool = True) -> nn.Module:
@@ -129,15 +146,38 @@ def _im2col_conv(x, kernel):
     either way, to float rounding. A ``jit`` of this name is what ``bridges`` exports as a Conv2D.
     """
     kh, kw, c, out = kernel.shape
-    rows, cols = x.ndim - 3, x.ndim - 2
     if (kh, kw) == (1, 1):
         return matmul(x, kernel[0, 0])
-    if kh * out >= (kh - 1) * kw * c:  # full im2col writes fewer values
-        columns = shift_stack(shift_stack(x, _offsets(kw), cols), _offsets(kh), rows)
-        return matmul(columns, kernel.reshape(kh * kw * c, out))
+    if _full_im2col(kernel.shape):
+        return matmul(_columns(x, kh, kw), kernel.reshape(kh * kw * c, out))
+    rows, cols = x.ndim - 3, x.ndim - 2
     columns = shift_stack(x, _offsets(kw), cols)
     row_outputs = matmul(columns, kernel.reshape(kh, kw * c, out).transpose(1, 0, 2).reshape(kw * c, kh * out))
     return shift_sum(row_outputs, _offsets(kh), rows)
+
+
+def _full_im2col(kernel_shape) -> bool:
+    """Whether :func:`_im2col_conv` multiplies full im2col columns: where they write fewer values."""
+    kh, kw, c, out = kernel_shape
+    return (kh, kw) != (1, 1) and kh * out >= (kh - 1) * kw * c
+
+
+def _columns(x, kh: int, kw: int):
+    """The full im2col columns of ``x`` [..., H, W, C] for a SAME kh x kw kernel: [..., H, W, kh*kw*C]."""
+    rows, cols = x.ndim - 3, x.ndim - 2
+    return shift_stack(shift_stack(x, _offsets(kw), cols), _offsets(kh), rows)
+
+
+def _column_moments(x, kernel):
+    """The per-channel mean and mean square of ``_im2col_conv(x, kernel)`` (full im2col) over all
+    its other axes, from the columns: mean = mean(columns) K and mean square = diag(K^T G K) / n,
+    with G the columns' Gram matrix, so nothing passes over the convolution's output."""
+    kh, kw, c, out = kernel.shape
+    columns = _columns(x, kh, kw)
+    columns = columns.reshape(-1, columns.shape[-1])
+    flat = kernel.reshape(kh * kw * c, out)
+    gram = matmul_t(columns, columns) / columns.shape[0]
+    return jnp.mean(columns, 0) @ flat, jnp.sum((gram @ flat) * flat, 0)
 
 
 def _offsets(size: int) -> tuple[int, ...]:
