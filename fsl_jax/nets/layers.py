@@ -170,8 +170,8 @@ def _columns(x, kh: int, kw: int):
 
 def _column_moments(x, kernel):
     """The per-channel mean and mean square of ``_im2col_conv(x, kernel)`` (full im2col) over all
-    its other axes, from the columns: mean = mean(columns) K and mean square = diag(K^T G K) / n,
-    with G the columns' Gram matrix, so nothing passes over the convolution's output."""
+    its other axes, from the columns: mean = mean(columns) K and mean square = diag(K^T G K), with
+    G the columns' Gram matrix over their number, so nothing passes over the convolution's output."""
     kh, kw, c, out = kernel.shape
     columns = _columns(x, kh, kw)
     columns = columns.reshape(-1, columns.shape[-1])
