@@ -168,6 +168,7 @@ def _columns(x, kh: int, kw: int):
     return shift_stack(shift_stack(x, _offsets(kw), cols), _offsets(kh), rows)
 
 
+@jax.jit  # like _im2col_conv: a jit takes any array (a NumPy batch under vmap, say) as x
 def _column_moments(x, kernel):
     """The per-channel mean and mean square of ``_im2col_conv(x, kernel)`` (full im2col) over all
     its other axes, from the columns: mean = mean(columns) K and mean square = diag(K^T G K), with
