@@ -172,13 +172,18 @@ def _columns(x, kh: int, kw: int):
 def _column_moments(x, kernel):
     """The per-channel mean and mean square of ``_im2col_conv(x, kernel)`` (full im2col) over all
     its other axes, from the columns: mean = mean(columns) K and mean square = diag(K^T G K), with
-    G the columns' Gram matrix over their number, so nothing passes over the convolution's output."""
+    G the columns' Gram matrix over their number, so nothing passes over the convolution's output.
+
+    The columns' mean is a product too (uniform weights times the columns): XLA then gives the
+    convolution, the Gram matrix and the mean one [N, kh*kw*C] copy of the columns, where a
+    reduction made it write them a second time."""
     kh, kw, c, out = kernel.shape
     columns = _columns(x, kh, kw)
     columns = columns.reshape(-1, columns.shape[-1])
+    n = columns.shape[0]
     flat = kernel.reshape(kh * kw * c, out)
-    gram = matmul_t(columns, columns) / columns.shape[0]
-    return jnp.mean(columns, 0) @ flat, jnp.sum((gram @ flat) * flat, 0)
+    gram = matmul_t(columns, columns) / n
+    return jnp.full(n, 1 / n, columns.dtype) @ columns @ flat, jnp.sum((gram @ flat) * flat, 0)
 
 
 def _offsets(size: int) -> tuple[int, ...]:
