@@ -29,9 +29,12 @@ demo: $(STAMP)
 	@echo "Segmentation run: runs/demo/segmentation (curves.png; predictions in eval.png)"
 	@echo "Core ML segmenter: runs/demo/segmenter.mlpackage"
 
-# pytest exits 5 when it collected no test: that is a failure here too.
+# pytest exits 5 when it collected no test: that is a failure here too. The test files run in
+# TEST_WORKERS processes (pytest-xdist), each file whole in one of them: a file's session fixtures
+# (trained and exported models) are built once, and the two-host tests never run beside each other.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PIP_INSTALL) -e ".[bench]"
