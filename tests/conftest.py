@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -15,6 +17,24 @@ from fsl_jax.data.omniglot import CharacterSet, load_omniglot
 # on CPUs neither setting changes anything.
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=true".strip()
+
+
+# The tests build the same programs again and again (the tiny run trained in many tests, each
+# host of the two-host tests): JAX's persistent compilation cache compiles each once per run, not
+# once per test. It keeps programs that took a second or more to compile, in a directory of the
+# first pytest process's own, removed at its end; its xdist workers and the processes the tests
+# start inherit it. A cache the caller chose is used as it is, and kept.
+if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    _OWN_CACHE = None
+else:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="fsl_jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    jax.config.update("jax_compilation_cache_dir", _OWN_CACHE)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
