@@ -23,6 +23,7 @@ from fsl_jax.cli import main  # noqa: E402
 from fsl_jax.config import load_config  # noqa: E402
 from fsl_jax.errors import DataError, ExportError  # noqa: E402
 from fsl_jax.train import train  # noqa: E402
+from tiny import tiny_config  # noqa: E402
 
 FP32, FP16, LOWERED = 1e-4, 1e-2, 1e-5
 
@@ -117,10 +118,8 @@ def test_backbone_lowers_to_convolutions_and_pooling():
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bridges") / "protonet"
-    config = load_config(None, ["episode.ways=5", "episode.queries=5", "backbone_options={width: 16}",
-                                "train.steps=3", "train.log_every=1", "train.checkpoint_every=3",
-                                "eval.every=3", "eval.curve_episodes=2", f"out={out}"])
+    config = tiny_config(tmp_path_factory.mktemp("bridges"), "train.steps=3", "eval.curve_episodes=2",
+                         name="protonet")
     return train(config, progress=False)
 
 
