@@ -1,4 +1,4 @@
-"""The tiny protonet run the training and CLI tests share: 6 steps on Omniglot, a checkpoint every 3."""
+"""The tiny protonet run the training, CLI and export tests share: 6 steps on Omniglot, a checkpoint every 3."""
 from __future__ import annotations
 
 from fsl_jax.config import load_config
