@@ -16,7 +16,7 @@ from fsl_jax.methods import METHODS
 from fsl_jax.nets import Conv4
 from fsl_jax.train import make_train_step
 
-TINY = Conv4(width=4, blocks=2)
+TINY_CONV4 = Conv4(width=4, blocks=2)
 
 
 def random_batch(tasks=2, ways=3, shots=2, queries=2, size=8, seed=0) -> Episode:
@@ -39,7 +39,7 @@ def test_second_order_meta_gradient_matches_finite_differences_in_float64():
     """d(query loss after 2 inner steps)/d(init), every coordinate, against central differences."""
     with jax.enable_x64(True):
         task = jax.tree.map(lambda x: x.astype(np.float64) if x.dtype == np.float32 else x, first_task(random_batch()))
-        losses = {order: maml(TINY, inner_steps=2, inner_lr=0.1, first_order=order) for order in (False, True)}
+        losses = {order: maml(TINY_CONV4, inner_steps=2, inner_lr=0.1, first_order=order) for order in (False, True)}
         params = jax.tree.map(lambda p: p.astype(jnp.float64), losses[False].init(jax.random.PRNGKey(0), task))
         vector, unflatten = jax.flatten_util.ravel_pytree(params)
         loss_of = jax.jit(lambda v: losses[False].task_loss(unflatten(v), task, None)[0])
@@ -88,19 +88,19 @@ def test_adapt_rejects_bad_options_by_name():
     with pytest.raises(ConfigError, match="mask"):
         adapt(apply_fn, loss, params, support, steps=1, lr=0.1, mask=[True])
     with pytest.raises(ConfigError, match="adapted"):
-        maml(TINY, adapted="body")
+        maml(TINY_CONV4, adapted="body")
     with pytest.raises(ConfigError, match="batch_stats"):
-        maml(TINY, batch_stats="running")
+        maml(TINY_CONV4, batch_stats="running")
     with pytest.raises(ConfigError, match="test_inner_steps"):
-        reptile(TINY, test_inner_steps=-2)
+        reptile(TINY_CONV4, test_inner_steps=-2)
     for bad in (-0.4, 0, float("nan"), "0.4"):
         with pytest.raises(ConfigError, match="inner_lr must be a positive number"):
-            maml(TINY, inner_lr=bad)
+            maml(TINY_CONV4, inner_lr=bad)
 
 
 def test_a_trained_head_is_refused_episodes_of_other_ways():
     """MAML's head has as many outputs as training ways: other episodes get an error naming both."""
-    learner = maml(TINY, inner_steps=1)
+    learner = maml(TINY_CONV4, inner_steps=1)
     params = learner.init(jax.random.PRNGKey(0), first_task(random_batch(ways=3)))
     assert learner.predict(params, random_batch(ways=3), jax.random.PRNGKey(0)).shape[-1] == 3
     with pytest.raises(ConfigError, match="head has 3 outputs, so it classifies 3-way episodes only, not 4-way"):
@@ -109,7 +109,7 @@ def test_a_trained_head_is_refused_episodes_of_other_ways():
 
 def test_anil_adapts_the_head_only_but_meta_learns_the_body():
     task = first_task(random_batch())
-    model = MetaClassifier(TINY, 3)
+    model = MetaClassifier(TINY_CONV4, 3)
     params = model.init(jax.random.PRNGKey(0), task.support_x)["params"]
     head_only = param_mask(params, lambda path, _: path.startswith("['head']"))
     adapted, _ = jax.jit(lambda p: adapt(lambda q, x: model.apply({"params": q}, x), softmax_cross_entropy, p,
@@ -118,7 +118,7 @@ def test_anil_adapts_the_head_only_but_meta_learns_the_body():
         np.testing.assert_array_equal(before, after)
     assert float(jnp.abs(adapted["head"]["kernel"] - params["head"]["kernel"]).max()) > 1e-3
 
-    anil = METHODS["anil"](TINY, inner_steps=3, test_inner_steps=3, inner_lr=0.5)
+    anil = METHODS["anil"](TINY_CONV4, inner_steps=3, test_inner_steps=3, inner_lr=0.5)
     meta_params = anil.init(jax.random.PRNGKey(0), task)
     # ANIL's learner adapts the head on features computed once: the same as the masked loop.
     np.testing.assert_allclose(jax.jit(anil.task_predict)(meta_params, task, None),
@@ -129,7 +129,7 @@ def test_anil_adapts_the_head_only_but_meta_learns_the_body():
 
 def test_meta_sgd_learning_rates_receive_gradients_and_move():
     batch = random_batch()
-    learner = METHODS["metasgd"](TINY, inner_steps=2, inner_lr=0.1)
+    learner = METHODS["metasgd"](TINY_CONV4, inner_steps=2, inner_lr=0.1)
     params = learner.init(jax.random.PRNGKey(0), first_task(batch))
     assert jax.tree.structure(params["inner_lr"]) == jax.tree.structure(params["model"])
     optimiser = optax.sgd(0.01)
@@ -144,7 +144,7 @@ def test_meta_sgd_learning_rates_receive_gradients_and_move():
 
 
 def test_meta_sgd_with_anil_learns_rates_for_the_head_only():
-    learner = maml(TINY, adapted="head", learn_inner_lr=True)
+    learner = maml(TINY_CONV4, adapted="head", learn_inner_lr=True)
     params = learner.init(jax.random.PRNGKey(0), first_task(random_batch()))
     assert params["inner_lr"]["backbone"] == jax.tree.map(lambda _: None, params["model"]["backbone"])
     assert jax.tree.structure(params["inner_lr"]["head"]) == jax.tree.structure(params["model"]["head"])
@@ -154,12 +154,12 @@ def test_reptile_one_task_one_step_is_sgd_scaled_by_the_outer_rate():
     """Outer SGD(eps) on Reptile's surrogate == plain SGD with rate eps * inner_lr on the support loss."""
     batch = random_batch(tasks=1)
     task = first_task(batch)
-    learner = reptile(TINY, inner_steps=1, inner_lr=0.3)
+    learner = reptile(TINY_CONV4, inner_steps=1, inner_lr=0.3)
     params = learner.init(jax.random.PRNGKey(0), task)
     eps = 0.5
     optimiser = optax.sgd(eps)
     new, _, loss, _ = make_train_step(learner, optimiser)(params, optimiser.init(params), batch, jax.random.PRNGKey(0))
-    model = MetaClassifier(TINY, 3)
+    model = MetaClassifier(TINY_CONV4, 3)
     support_loss = lambda p: softmax_cross_entropy(model.apply({"params": p}, task.support_x), task.support_y)
     grads = jax.jit(jax.grad(support_loss))(params["model"])
     expected = jax.tree.map(lambda p, g: p - eps * 0.3 * g, params["model"], grads)
@@ -175,7 +175,7 @@ def test_vmap_lax_map_and_unrolled_tasks_agree():
     batch = random_batch(tasks=3)
     results = []
     for how in ("vmap", "map", "unroll"):
-        learner = maml(TINY, inner_steps=2, task_map=how)
+        learner = maml(TINY_CONV4, inner_steps=2, task_map=how)
         params = learner.init(jax.random.PRNGKey(0), first_task(batch))
         results.append(jax.jit(jax.value_and_grad(lambda p, l=learner: l.loss(p, batch, jax.random.PRNGKey(0))[0]))(params))
     for loss, grads in results[1:]:
@@ -187,7 +187,7 @@ def test_vmap_lax_map_and_unrolled_tasks_agree():
 def test_batch_stats_choice_decides_whether_queries_interact(batch_stats, independent):
     """"support": a query's logits do not depend on the other queries; "query" (transductive): they do."""
     batch = random_batch(tasks=1, queries=3)
-    learner = maml(TINY, inner_steps=1, batch_stats=batch_stats)
+    learner = maml(TINY_CONV4, inner_steps=1, batch_stats=batch_stats)
     params = learner.init(jax.random.PRNGKey(0), first_task(batch))
     changed = batch._replace(query_x=batch.query_x.copy())
     changed.query_x[0, 1:] = 1.0 - changed.query_x[0, 1:]
@@ -260,7 +260,7 @@ def test_float64_mode_keeps_a_float32_model_in_float32(learn_inner_lr):
     im2col products' gradients float64, which broke the inner loop's scan)."""
     with jax.enable_x64(True):
         task = first_task(random_batch())
-        learner = maml(TINY, inner_steps=2, inner_lr=0.1, learn_inner_lr=learn_inner_lr, unroll=1)
+        learner = maml(TINY_CONV4, inner_steps=2, inner_lr=0.1, learn_inner_lr=learn_inner_lr, unroll=1)
         params = learner.init(jax.random.PRNGKey(0), task)
         (loss, _), grads = jax.jit(jax.value_and_grad(lambda p: learner.task_loss(p, task, None), has_aux=True))(params)
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
