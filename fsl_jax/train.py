@@ -390,6 +390,20 @@ def _exclusive(run_dir: Path, host: int, hosts: int):
         yield
 
 
+def _raise_where_found(error: Exception | None, hosts: int) -> None:
+    """Raise ``error``, what this host found wrong in a check every host makes (``None``: nothing).
+
+    The hosts first agree on whether each found one. Where every host did, each stops with its own,
+    marked ``on_every_host`` so that :func:`_stop_together` ends no other host: a host still
+    checking would otherwise be ended by the word of one that was faster, and a program that
+    catches the error and trains again would lose that host. Where only some did, those stop the
+    rest, as any error does."""
+    found = multihost_utils.process_allgather(np.array([error is not None]))[:, 0] if hosts > 1 else [error is not None]
+    if error is not None:
+        error.on_every_host = bool(all(found))
+        raise error
+
+
 _TRAIN_CALLS = itertools.count()  # each train() of a process: all hosts make the same calls in the same order
 
 
@@ -406,6 +420,8 @@ def _stop_together(host: int, hosts: int):
     A checkpoint the others were writing is left unfinished, and orbax ignores it: the run resumes
     from the one before. A host killed outright says nothing: jax's heartbeat check ends the others
     (at once where it was host 0, which runs the service; after its heartbeat timeout otherwise).
+    An error that every host raises by itself (:func:`_raise_where_found`) sets no key: each host
+    stops with its own, host 0 still last.
     """
     if hosts == 1:
         yield
@@ -438,9 +454,14 @@ def _stop_together(host: int, hosts: int):
         yield
     except BaseException as error:
         stopping.set()
-        why = "was interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else f"stopped ({error})"
-        with contextlib.suppress(Exception):  # another host stopped first and has said so
-            client.key_value_set(stopped, f"{host}\nhost {host} {why}")
+        if getattr(error, "on_every_host", False):  # each host stops with its own (_raise_where_found)
+            if host:
+                with contextlib.suppress(Exception):
+                    client.key_value_set(f"{stopped}/seen/{host}", "")
+        else:
+            why = "was interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else f"stopped ({error})"
+            with contextlib.suppress(Exception):  # another host stopped first and has said so
+                client.key_value_set(stopped, f"{host}\nhost {host} {why}")
         for other in range(1, hosts) if host == 0 else ():  # host 0's end takes the service with it
             try:
                 client.blocking_key_value_get(f"{stopped}/seen/{other}", 10_000)
@@ -534,13 +555,14 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
         start = manager.latest_step() or 0
         records = read_metrics(run_dir)
         saved = run_dir / "config.yaml"
+        differences = []
         if (start or records) and saved.exists():  # a run that holds nothing yet is started afresh
             # where the run and its data lie (out, data.dir) may change: a moved run resumes
             differences = [d for d in _config_differences(run_config(run_dir), config)
                            if not d.startswith(("out:", "data.dir:"))]
-            if differences:
-                raise ConfigError(f"run directory {run_dir} holds a run of a different config "
-                                  f"({'; '.join(differences)}); choose another `out`")
+        _raise_where_found(ConfigError(f"run directory {run_dir} holds a run of a different config "
+                                       f"({'; '.join(differences)}); choose another `out`") if differences else None,
+                           hosts)
         if primary:
             write_replacing(saved, lambda partial: partial.write_text(dump_config(config)))
         if start:
