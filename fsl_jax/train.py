@@ -390,18 +390,22 @@ def _exclusive(run_dir: Path, host: int, hosts: int):
         yield
 
 
-def _raise_where_found(error: Exception | None, hosts: int) -> None:
-    """Raise ``error``, what this host found wrong in a check every host makes (``None``: nothing).
+def _every_host(error: BaseException) -> BaseException:
+    """``error`` marked as one that every host raises by itself at the same point (from values or
+    files they all share), so that :func:`_stop_together` ends no other host with it: a host not yet
+    at that point would be ended by the word of a faster one, and a program that catches the error
+    and trains again (a sweep that lowers the learning rate after a divergence, say) would lose it."""
+    error.on_every_host = True
+    return error
 
-    The hosts first agree on whether each found one. Where every host did, each stops with its own,
-    marked ``on_every_host`` so that :func:`_stop_together` ends no other host: a host still
-    checking would otherwise be ended by the word of one that was faster, and a program that
-    catches the error and trains again would lose that host. Where only some did, those stop the
-    rest, as any error does."""
+
+def _raise_where_found(error: Exception | None, hosts: int) -> None:
+    """Raise ``error``, what this host found wrong in a check that every host makes of the same files
+    (``None``: nothing). The hosts first agree on whether each found one: where all did, each stops
+    with its own (:func:`_every_host`); where only some did, those stop the rest, as any error does."""
     found = multihost_utils.process_allgather(np.array([error is not None]))[:, 0] if hosts > 1 else [error is not None]
     if error is not None:
-        error.on_every_host = bool(all(found))
-        raise error
+        raise _every_host(error) if all(found) else error
 
 
 _TRAIN_CALLS = itertools.count()  # each train() of a process: all hosts make the same calls in the same order
@@ -420,8 +424,8 @@ def _stop_together(host: int, hosts: int):
     A checkpoint the others were writing is left unfinished, and orbax ignores it: the run resumes
     from the one before. A host killed outright says nothing: jax's heartbeat check ends the others
     (at once where it was host 0, which runs the service; after its heartbeat timeout otherwise).
-    An error that every host raises by itself (:func:`_raise_where_found`) sets no key: each host
-    stops with its own, host 0 still last.
+    An error that every host raises by itself (:func:`_every_host`) sets no key: each host stops
+    with its own, host 0 still last.
     """
     if hosts == 1:
         yield
@@ -454,7 +458,7 @@ def _stop_together(host: int, hosts: int):
         yield
     except BaseException as error:
         stopping.set()
-        if getattr(error, "on_every_host", False):  # each host stops with its own (_raise_where_found)
+        if getattr(error, "on_every_host", False):  # each host stops with its own (_every_host)
             if host:
                 with contextlib.suppress(Exception):
                     client.key_value_set(f"{stopped}/seen/{host}", "")
@@ -617,7 +621,7 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                         if step - 1 > (manager.latest_step() or 0) and not _non_finite(good_params):
                             _save(manager, step - 1, {"params": good_params, "opt_state": good_opt_state}, run_dir, config)
                         _wait(manager, run_dir)
-                        raise TrainingDiverged(step, loss, manager.latest_step())
+                        raise _every_host(TrainingDiverged(step, loss, manager.latest_step()))
                     window["loss"].append(loss)
                     window["metrics"].append({k: float(v[i]) for k, v in metrics.items()})
                 bar.update(last - first + 1)
@@ -637,11 +641,11 @@ def train(config: dict, progress: bool = True, stop_after: int | None = None) ->
                 if last % config["train"]["checkpoint_every"] == 0 or last == steps or notice:
                     if _non_finite(params):  # a finite loss, then an update that broke the parameters
                         _wait(manager, run_dir)
-                        raise TrainingDiverged(last, None, manager.latest_step())
+                        raise _every_host(TrainingDiverged(last, None, manager.latest_step()))
                     _save(manager, last, {"params": params, "opt_state": opt_state}, run_dir, config)
                 if notice:
                     _wait(manager, run_dir)
-                    raise Preempted(last)
+                    raise _every_host(Preempted(last))
                 first = last + 1
         except (TrainingDiverged, Preempted):
             if primary:

@@ -174,7 +174,7 @@ def test_sigterm_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
     said = re.search(r"fsl-jax: preempted \(SIGTERM\) at step (\d+): its checkpoint is written", err1)
     assert code1 == 143 and said, err1[-3000:]
     step = int(said.group(1))
-    assert code0 in (1, 143) and f"preempted (SIGTERM) at step {step}" in err0, err0[-3000:]
+    assert code0 == 143 and f"fsl-jax: preempted (SIGTERM) at step {step}" in err0, err0[-3000:]  # its own word
     assert restore_params(run, Experiment(config))[1] == step > 5
 
 
@@ -185,7 +185,7 @@ TRAIN_AGAIN = textwrap.dedent("""
     import fsl_jax.train
     from fsl_jax.cli import _join_hosts
     from fsl_jax.config import load_config
-    from fsl_jax.errors import ConfigError
+    from fsl_jax.errors import ConfigError, TrainingDiverged
     from fsl_jax.train import train
 
     root, coordinator, host = Path(sys.argv[1]), sys.argv[3], int(sys.argv[-1])
@@ -201,6 +201,13 @@ TRAIN_AGAIN = textwrap.dedent("""
         assert "holds a run of a different config" in str(error), error
     else:
         raise AssertionError("trained another config into run a")
+    try:  # every host sees the same loss, so every host stops with the divergence
+        train(load_config(None, base + ["optim.lr=1e30", "train.steps=30", "eval.every=30", f"out={root / 'c'}"]),
+              progress=False)
+    except TrainingDiverged:
+        pass
+    else:
+        raise AssertionError("trained run c at a learning rate of 1e30 without diverging")
     train(load_config(None, base + [f"out={root / 'b'}"]), progress=False)
     print("trained b", file=sys.stderr)
 """)
@@ -208,10 +215,11 @@ TRAIN_AGAIN = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_hosts_that_stopped_together_train_again_in_the_same_processes(tmp_path):
-    """A training that stopped on every host (a ConfigError on resumption) leaves no word behind:
-    the next train() of the same processes trains to its end, not stopped by the old word. Each host
-    stops with its own error, so the slower one to find it (host 1 here, by 3 s) is not ended by
-    the other's: it used to be, and host 0 then waited alone in its next training."""
+    """Trainings that stopped on every host (a ConfigError on resumption, a divergence) leave no
+    word behind: the next train() of the same processes trains to its end, not stopped by an old
+    word. Each host stops with its own error, so the slower one to find it (host 1 here, by 3 s, in
+    the config check) is not ended by the other's: it used to be, and the host left then waited
+    alone in its next training until jax's heartbeat aborted it."""
     for code, err in _two_hosts(tmp_path, timeout=300, script=TRAIN_AGAIN):
         assert code == 0 and "trained b" in err, err[-3000:]
 
