@@ -361,6 +361,12 @@ def plot_curves(run_dir: Path, score: str = "accuracy") -> Path:
     return out
 
 
+def _on_each_host(flag: bool, hosts: int) -> list[bool]:
+    """Every host's ``flag``, in host order: how the hosts agree on what each found (a collective
+    that every host must call at the same point)."""
+    return multihost_utils.process_allgather(np.array([flag]))[:, 0].tolist() if hosts > 1 else [flag]
+
+
 @contextlib.contextmanager
 def _exclusive(run_dir: Path, host: int, hosts: int):
     """Hold ``run_dir/.lock`` for the block: two processes training into one run directory would mix
@@ -377,7 +383,7 @@ def _exclusive(run_dir: Path, host: int, hosts: int):
             holder = lock.read().strip()
             refused = DataError(f"another process{f' (pid {holder})' if holder else ''} is training into {run_dir}: "
                                 "wait for it to end, or choose another `out`")
-        taken = multihost_utils.process_allgather(np.array([refused is None]))[:, 0] if hosts > 1 else [True]
+        taken = _on_each_host(refused is None, hosts)
         if refused is not None:
             raise refused
         if not all(taken):
@@ -403,7 +409,7 @@ def _raise_where_found(error: Exception | None, hosts: int) -> None:
     """Raise ``error``, what this host found wrong in a check that every host makes of the same files
     (``None``: nothing). The hosts first agree on whether each found one: where all did, each stops
     with its own (:func:`_every_host`); where only some did, those stop the rest, as any error does."""
-    found = multihost_utils.process_allgather(np.array([error is not None]))[:, 0] if hosts > 1 else [error is not None]
+    found = _on_each_host(error is not None, hosts)
     if error is not None:
         raise _every_host(error) if all(found) else error
 
@@ -458,14 +464,13 @@ def _stop_together(host: int, hosts: int):
         yield
     except BaseException as error:
         stopping.set()
-        if getattr(error, "on_every_host", False):  # each host stops with its own (_every_host)
-            if host:
-                with contextlib.suppress(Exception):
-                    client.key_value_set(f"{stopped}/seen/{host}", "")
-        else:
+        if not getattr(error, "on_every_host", False):
             why = "was interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else f"stopped ({error})"
             with contextlib.suppress(Exception):  # another host stopped first and has said so
                 client.key_value_set(stopped, f"{host}\nhost {host} {why}")
+        elif host:  # each host stops with its own error (_every_host); host 0 waits for this word below
+            with contextlib.suppress(Exception):
+                client.key_value_set(f"{stopped}/seen/{host}", "")
         for other in range(1, hosts) if host == 0 else ():  # host 0's end takes the service with it
             try:
                 client.blocking_key_value_get(f"{stopped}/seen/{other}", 10_000)
